@@ -1,0 +1,1 @@
+//! Conversions between the hub model and its wire form.

@@ -1,0 +1,1 @@
+//! Conversions between Consul state/commands and their wire form.

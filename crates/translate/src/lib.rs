@@ -1,0 +1,1 @@
+//! Pure translation: SMI hub objects → desired Consul state → commands.

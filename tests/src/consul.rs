@@ -1,0 +1,1 @@
+//! Real Consul dev agents for tests.

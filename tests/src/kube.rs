@@ -1,0 +1,1 @@
+//! Real etcd + apiextensions-apiserver for tests.

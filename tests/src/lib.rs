@@ -1,0 +1,7 @@
+//! Harnesses that start real components for tests (Consul dev agents, etcd + API server)
+//! on free loopback ports and tear them down, plus the harness-agnostic e2e suite's helpers.
+//! A harness that cannot start its component returns an error; tests unwrap it so they fail
+//! loudly instead of skipping.
+
+pub mod consul;
+pub mod kube;
