@@ -13,6 +13,12 @@ if [ -n "${CONSUL_BIN:-}" ] && [ -x "$CONSUL_BIN" ]; then echo "$CONSUL_BIN"; ex
 if [ -x "$bin" ]; then echo "$bin"; exit 0; fi
 if command -v consul >/dev/null 2>&1; then command -v consul; exit 0; fi
 
+mkdir -p "$cache"
+# Tests start agents in parallel; only one of them may install.
+exec 9>"$cache/install-consul.lock"
+flock 9
+if [ -x "$bin" ]; then echo "$bin"; exit 0; fi
+
 apt_dir="$cache/apt-bullseye"
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$root"
 echo "deb http://deb.debian.org/debian bullseye main" > "$apt_dir/sources.list"
