@@ -78,7 +78,11 @@ pub struct ObjectRef {
 
 impl ObjectRef {
     pub fn new(kind: SmiKind, namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        ObjectRef { kind, namespace: namespace.into(), name: name.into() }
+        ObjectRef {
+            kind,
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -186,14 +190,18 @@ pub struct UdpRoute {
 
 /// A backend weight, exact across versions: v1alpha1 weights are Quantities (`10m`, `1`,
 /// `500m`), later ones integers. Stored in thousandths so both convert without loss.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Weight {
     pub millis: u64,
 }
 
 impl Weight {
     pub fn from_units(units: u64) -> Self {
-        Weight { millis: units * 1000 }
+        Weight {
+            millis: units * 1000,
+        }
     }
 }
 
