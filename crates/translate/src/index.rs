@@ -1,0 +1,649 @@
+//! The incremental index: all SMI objects, what they mean in Consul, and what changed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::mem;
+
+use consul_smi_api::{ObjectRef, SmiKind, SmiObject};
+use consul_smi_core::{
+    Command, DesiredState, Intention, IntentionKey, ServiceDefaults, ServiceName, ServiceSplitter,
+};
+
+use crate::diagnostic::{Diagnostic, ObjectStatus};
+use crate::diff::diff;
+use crate::plan::{self, SplitPlan, TargetPlan};
+use crate::resolve::{self, DestinationOutput, Routes, SplitOutput};
+use crate::{NamespaceMode, TranslateOptions};
+
+/// Why a service needs `protocol = http`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum HttpReason {
+    /// It is the destination of L7 intentions.
+    Destination,
+    /// It is the root or a backend of the splitter for this service.
+    Splitter(ServiceName),
+}
+
+#[derive(Clone, Debug, Default)]
+struct ObjectDiagnostics {
+    /// From the object alone.
+    local: Vec<Diagnostic>,
+    /// From resolving its destination (TrafficTarget) or split root (TrafficSplit).
+    resolved: Vec<Diagnostic>,
+    /// Namespace collapse warnings, per Consul service name.
+    collapse: BTreeMap<String, Vec<Diagnostic>>,
+}
+
+impl ObjectDiagnostics {
+    fn iter(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.local
+            .iter()
+            .chain(self.resolved.iter())
+            .chain(self.collapse.values().flatten())
+    }
+}
+
+/// What one change touched, to be recomputed once at the end.
+#[derive(Default)]
+struct Touched {
+    destinations: BTreeSet<ServiceName>,
+    roots: BTreeSet<ServiceName>,
+    /// ServiceAccount name → the namespaces referencing it before the change.
+    names: BTreeMap<String, Vec<String>>,
+    /// TrafficTargets inserted by the change.
+    targets: BTreeSet<ObjectRef>,
+}
+
+/// The previous value of every key a change wrote, to derive the change's commands.
+#[derive(Default)]
+struct ChangeLog {
+    enabled: bool,
+    intentions: BTreeMap<IntentionKey, Option<Intention>>,
+    splitters: BTreeMap<ServiceName, Option<ServiceSplitter>>,
+    defaults: BTreeMap<ServiceName, Option<ServiceDefaults>>,
+}
+
+impl ChangeLog {
+    fn recording() -> Self {
+        ChangeLog {
+            enabled: true,
+            ..ChangeLog::default()
+        }
+    }
+
+    fn intention(&mut self, key: &IntentionKey, state: &DesiredState) {
+        if self.enabled {
+            self.intentions
+                .entry(key.clone())
+                .or_insert_with(|| state.intentions.get(key).cloned());
+        }
+    }
+
+    fn splitter(&mut self, key: &ServiceName, state: &DesiredState) {
+        if self.enabled {
+            self.splitters
+                .entry(key.clone())
+                .or_insert_with(|| state.splitters.get(key).cloned());
+        }
+    }
+
+    fn defaults(&mut self, key: &ServiceName, state: &DesiredState) {
+        if self.enabled {
+            self.defaults
+                .entry(key.clone())
+                .or_insert_with(|| state.service_defaults.get(key).cloned());
+        }
+    }
+
+    /// The commands from the logged previous values to `state`, in [`diff`] order.
+    fn commands(self, state: &DesiredState) -> Vec<Command> {
+        let mut before = DesiredState::default();
+        let mut after = DesiredState::default();
+        for (key, old) in self.intentions {
+            if let Some(new) = state.intentions.get(&key) {
+                after.intentions.insert(key.clone(), new.clone());
+            }
+            if let Some(old) = old {
+                before.intentions.insert(key, old);
+            }
+        }
+        for (key, old) in self.splitters {
+            if let Some(new) = state.splitters.get(&key) {
+                after.splitters.insert(key.clone(), new.clone());
+            }
+            if let Some(old) = old {
+                before.splitters.insert(key, old);
+            }
+        }
+        for (key, old) in self.defaults {
+            if let Some(new) = state.service_defaults.get(&key) {
+                after.service_defaults.insert(key.clone(), new.clone());
+            }
+            if let Some(old) = old {
+                before.service_defaults.insert(key, old);
+            }
+        }
+        diff(&before, &after)
+    }
+}
+
+/// In-memory index of every SMI object and the Consul state they mean.
+///
+/// A change recomputes only what it can affect: a TrafficTarget its old and new destination;
+/// a route the destinations of the TrafficTargets that name it (so an intention appears as
+/// soon as a missing route does); a TrafficSplit its old and new root service. The state always
+/// equals [`crate::translate`] of the same objects.
+///
+/// [`Index::new`] already holds the managed default-deny intention when it is enabled, so the
+/// caller should send a full sync of [`Index::desired`] at start-up rather than rely on
+/// [`Index::apply`]'s commands alone.
+#[derive(Clone, Debug)]
+pub struct Index {
+    options: TranslateOptions,
+    objects: HashMap<ObjectRef, SmiObject>,
+    targets: HashMap<ObjectRef, TargetPlan>,
+    routes: Routes,
+    splits: HashMap<ObjectRef, SplitPlan>,
+    by_destination: HashMap<ServiceName, BTreeSet<ObjectRef>>,
+    /// Route → TrafficTargets (with a valid destination) whose rules name it.
+    route_dependents: HashMap<ObjectRef, HashSet<ObjectRef>>,
+    /// Destination → its intention keys in `desired`, sorted.
+    destination_keys: HashMap<ServiceName, Vec<IntentionKey>>,
+    by_root: HashMap<ServiceName, BTreeSet<ObjectRef>>,
+    /// Root → the services its written splitter needs http for.
+    splitter_http: HashMap<ServiceName, Vec<ServiceName>>,
+    http_reasons: HashMap<ServiceName, HashSet<HttpReason>>,
+    /// OSS only: ServiceAccount name → namespace → (TrafficTarget, field) references.
+    identity_refs: HashMap<String, BTreeMap<String, BTreeSet<(ObjectRef, String)>>>,
+    diagnostics: BTreeMap<ObjectRef, ObjectDiagnostics>,
+    desired: DesiredState,
+}
+
+impl Index {
+    pub fn new(options: TranslateOptions) -> Self {
+        let mut desired = DesiredState::default();
+        if let Some(deny) = options.default_deny_intention() {
+            desired.intentions.insert(deny.key.clone(), deny);
+        }
+        Index {
+            options,
+            objects: HashMap::new(),
+            targets: HashMap::new(),
+            routes: Routes::default(),
+            splits: HashMap::new(),
+            by_destination: HashMap::new(),
+            route_dependents: HashMap::new(),
+            destination_keys: HashMap::new(),
+            by_root: HashMap::new(),
+            splitter_http: HashMap::new(),
+            http_reasons: HashMap::new(),
+            identity_refs: HashMap::new(),
+            diagnostics: BTreeMap::new(),
+            desired,
+        }
+    }
+
+    pub fn options(&self) -> &TranslateOptions {
+        &self.options
+    }
+
+    /// Insert or replace `object`; returns the commands for what that changed. Re-applying an
+    /// identical object returns no commands.
+    pub fn apply(&mut self, object: SmiObject) -> Vec<Command> {
+        let object_ref = object.object_ref();
+        if self.objects.get(&object_ref) == Some(&object) {
+            return Vec::new();
+        }
+        let mut touched = Touched::default();
+        self.remove_object(&object_ref, &mut touched);
+        self.insert_object(object_ref, object, &mut touched);
+        let mut log = ChangeLog::recording();
+        self.settle(&touched, &mut log);
+        log.commands(&self.desired)
+    }
+
+    /// Forget `object`; returns the commands for what that changed (none if it was unknown).
+    pub fn delete(&mut self, object: &ObjectRef) -> Vec<Command> {
+        let mut touched = Touched::default();
+        if !self.remove_object(object, &mut touched) {
+            return Vec::new();
+        }
+        let mut log = ChangeLog::recording();
+        self.settle(&touched, &mut log);
+        log.commands(&self.desired)
+    }
+
+    /// Replace every object with `objects` (a fresh snapshot, e.g. after a watch restart);
+    /// returns the commands from the previous state to the new one.
+    pub fn reset(&mut self, objects: Vec<SmiObject>) -> Vec<Command> {
+        let mut fresh = Index::new(self.options.clone());
+        fresh.load(objects);
+        let commands = diff(&self.desired, &fresh.desired);
+        *self = fresh;
+        commands
+    }
+
+    /// Change the options (e.g. once the writer reports the Consul version) and recompute.
+    pub fn set_options(&mut self, options: TranslateOptions) -> Vec<Command> {
+        if options == self.options {
+            return Vec::new();
+        }
+        let objects: Vec<SmiObject> = mem::take(&mut self.objects).into_values().collect();
+        self.options = options;
+        self.reset(objects)
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    pub fn objects_len(&self) -> usize {
+        self.objects.len()
+    }
+
+    pub fn get(&self, object: &ObjectRef) -> Option<&SmiObject> {
+        self.objects.get(object)
+    }
+
+    /// Every current diagnostic, grouped by object in [`ObjectRef`] order.
+    pub fn diagnostics(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.diagnostics.values().flat_map(ObjectDiagnostics::iter)
+    }
+
+    /// The status of one known object.
+    pub fn status(&self, object: &ObjectRef) -> Option<ObjectStatus<'_>> {
+        let (object, diagnostics) = self.diagnostics.get_key_value(object)?;
+        Some(ObjectStatus::new(object, diagnostics.iter().collect()))
+    }
+
+    /// The status of every known object, in [`ObjectRef`] order (objects without diagnostics
+    /// are listed as [`crate::Status::Ok`]).
+    pub fn statuses(&self) -> impl Iterator<Item = ObjectStatus<'_>> {
+        self.diagnostics
+            .iter()
+            .map(|(object, diagnostics)| ObjectStatus::new(object, diagnostics.iter().collect()))
+    }
+
+    fn load(&mut self, objects: Vec<SmiObject>) {
+        let mut touched = Touched::default();
+        for object in objects {
+            let object_ref = object.object_ref();
+            self.remove_object(&object_ref, &mut touched);
+            self.insert_object(object_ref, object, &mut touched);
+        }
+        self.settle(&touched, &mut ChangeLog::default());
+    }
+
+    fn oss(&self) -> bool {
+        matches!(self.options.namespaces, NamespaceMode::Oss)
+    }
+
+    fn namespaces_of(&self, name: &str) -> Vec<String> {
+        self.identity_refs
+            .get(name)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn touch_name(&self, name: &str, touched: &mut Touched) {
+        if !touched.names.contains_key(name) {
+            touched
+                .names
+                .insert(name.to_string(), self.namespaces_of(name));
+        }
+    }
+
+    fn touch_route_dependents(&self, route: &ObjectRef, touched: &mut Touched) {
+        for target in self.route_dependents.get(route).into_iter().flatten() {
+            if let Some(destination) = self
+                .targets
+                .get(target)
+                .and_then(|p| p.destination.as_ref())
+            {
+                touched.destinations.insert(destination.service.clone());
+            }
+        }
+    }
+
+    /// Remove `object_ref` from every structure; returns whether it was known.
+    fn remove_object(&mut self, object_ref: &ObjectRef, touched: &mut Touched) -> bool {
+        if self.objects.remove(object_ref).is_none() {
+            return false;
+        }
+        self.diagnostics.remove(object_ref);
+        match object_ref.kind {
+            SmiKind::TrafficTarget => {
+                let Some(target_plan) = self.targets.remove(object_ref) else {
+                    return true;
+                };
+                if let Some(destination) = &target_plan.destination {
+                    let service = &destination.service;
+                    if let Some(group) = self.by_destination.get_mut(service) {
+                        group.remove(object_ref);
+                        if group.is_empty() {
+                            self.by_destination.remove(service);
+                        }
+                    }
+                    touched.destinations.insert(service.clone());
+                    for rule in &target_plan.rules {
+                        if let Some(dependents) = self.route_dependents.get_mut(&rule.route) {
+                            dependents.remove(object_ref);
+                            if dependents.is_empty() {
+                                self.route_dependents.remove(&rule.route);
+                            }
+                        }
+                    }
+                }
+                if self.oss() {
+                    for identity in target_plan.identities() {
+                        self.touch_name(&identity.name, touched);
+                        let Some(by_namespace) = self.identity_refs.get_mut(&identity.name) else {
+                            continue;
+                        };
+                        if let Some(refs) = by_namespace.get_mut(&identity.namespace) {
+                            refs.remove(&(object_ref.clone(), identity.field.clone()));
+                            if refs.is_empty() {
+                                by_namespace.remove(&identity.namespace);
+                            }
+                        }
+                        if by_namespace.is_empty() {
+                            self.identity_refs.remove(&identity.name);
+                        }
+                    }
+                }
+            }
+            SmiKind::HTTPRouteGroup => {
+                self.routes.http.remove(object_ref);
+                self.touch_route_dependents(object_ref, touched);
+            }
+            SmiKind::TCPRoute => {
+                self.routes.tcp.remove(object_ref);
+                self.touch_route_dependents(object_ref, touched);
+            }
+            SmiKind::UDPRoute => {}
+            SmiKind::TrafficSplit => {
+                if let Some(root) = self.splits.remove(object_ref).and_then(|p| p.root) {
+                    if let Some(group) = self.by_root.get_mut(&root) {
+                        group.remove(object_ref);
+                        if group.is_empty() {
+                            self.by_root.remove(&root);
+                        }
+                    }
+                    touched.roots.insert(root);
+                }
+            }
+        }
+        true
+    }
+
+    fn insert_object(&mut self, object_ref: ObjectRef, object: SmiObject, touched: &mut Touched) {
+        let mut diagnostics = ObjectDiagnostics::default();
+        match &object {
+            SmiObject::TrafficTarget(target) => {
+                let mut target_plan = plan::plan_target(target, &self.options);
+                diagnostics.local = mem::take(&mut target_plan.local);
+                if let Some(destination) = &target_plan.destination {
+                    self.by_destination
+                        .entry(destination.service.clone())
+                        .or_default()
+                        .insert(object_ref.clone());
+                    touched.destinations.insert(destination.service.clone());
+                    for rule in &target_plan.rules {
+                        self.route_dependents
+                            .entry(rule.route.clone())
+                            .or_default()
+                            .insert(object_ref.clone());
+                    }
+                }
+                if self.oss() {
+                    for identity in target_plan.identities() {
+                        self.touch_name(&identity.name, touched);
+                        self.identity_refs
+                            .entry(identity.name.clone())
+                            .or_default()
+                            .entry(identity.namespace.clone())
+                            .or_default()
+                            .insert((object_ref.clone(), identity.field.clone()));
+                    }
+                    touched.targets.insert(object_ref.clone());
+                }
+                self.targets.insert(object_ref.clone(), target_plan);
+            }
+            SmiObject::HttpRouteGroup(group) => {
+                let mut route_plan = plan::plan_http_route_group(group);
+                diagnostics.local = mem::take(&mut route_plan.local);
+                self.routes.http.insert(object_ref.clone(), route_plan);
+                self.touch_route_dependents(&object_ref, touched);
+            }
+            SmiObject::TcpRoute(route) => {
+                diagnostics.local = plan::tcp_route_diagnostics(route);
+                self.routes.tcp.insert(object_ref.clone());
+                self.touch_route_dependents(&object_ref, touched);
+            }
+            SmiObject::UdpRoute(route) => diagnostics.local = plan::udp_route_diagnostics(route),
+            SmiObject::TrafficSplit(split) => {
+                let mut split_plan = plan::plan_split(split, &self.options);
+                diagnostics.local = mem::take(&mut split_plan.local);
+                if let Some(root) = &split_plan.root {
+                    self.by_root
+                        .entry(root.clone())
+                        .or_default()
+                        .insert(object_ref.clone());
+                    touched.roots.insert(root.clone());
+                }
+                self.splits.insert(object_ref.clone(), split_plan);
+            }
+        }
+        self.diagnostics.insert(object_ref.clone(), diagnostics);
+        self.objects.insert(object_ref, object);
+    }
+
+    fn settle(&mut self, touched: &Touched, log: &mut ChangeLog) {
+        for destination in &touched.destinations {
+            self.recompute_destination(destination, log);
+        }
+        for root in &touched.roots {
+            self.recompute_root(root, log);
+        }
+        if self.oss() {
+            self.recompute_collapse(touched);
+        }
+    }
+
+    fn recompute_destination(&mut self, destination: &ServiceName, log: &mut ChangeLog) {
+        let group = self.by_destination.get(destination);
+        let output = match group {
+            Some(group) => resolve::resolve_destination(
+                destination,
+                group
+                    .iter()
+                    .filter_map(|r| self.targets.get(r).map(|p| (r, p))),
+                &self.routes,
+                &self.options,
+            ),
+            None => DestinationOutput::default(),
+        };
+        for object in group.into_iter().flatten() {
+            if let Some(diagnostics) = self.diagnostics.get_mut(object) {
+                diagnostics.resolved.clear();
+            }
+        }
+        for diagnostic in output.diagnostics {
+            if let Some(diagnostics) = self.diagnostics.get_mut(&diagnostic.object) {
+                diagnostics.resolved.push(diagnostic);
+            }
+        }
+
+        let new_keys: Vec<IntentionKey> = output.intentions.iter().map(|i| i.key.clone()).collect();
+        for key in self
+            .destination_keys
+            .remove(destination)
+            .unwrap_or_default()
+        {
+            if new_keys.binary_search(&key).is_err() {
+                log.intention(&key, &self.desired);
+                self.desired.intentions.remove(&key);
+            }
+        }
+        for intention in output.intentions {
+            if self.desired.intentions.get(&intention.key) != Some(&intention) {
+                log.intention(&intention.key, &self.desired);
+                self.desired
+                    .intentions
+                    .insert(intention.key.clone(), intention);
+            }
+        }
+        if !new_keys.is_empty() {
+            self.destination_keys.insert(destination.clone(), new_keys);
+        }
+        self.set_http_reason(destination, HttpReason::Destination, output.needs_http, log);
+    }
+
+    fn recompute_root(&mut self, root: &ServiceName, log: &mut ChangeLog) {
+        let group = self.by_root.get(root);
+        let output = match group {
+            Some(group) => resolve::resolve_split_group(
+                root,
+                group
+                    .iter()
+                    .filter_map(|r| self.splits.get(r).map(|p| (r, p))),
+            ),
+            None => SplitOutput::default(),
+        };
+        for object in group.into_iter().flatten() {
+            if let Some(diagnostics) = self.diagnostics.get_mut(object) {
+                diagnostics.resolved.clear();
+            }
+        }
+        for diagnostic in output.diagnostics {
+            if let Some(diagnostics) = self.diagnostics.get_mut(&diagnostic.object) {
+                diagnostics.resolved.push(diagnostic);
+            }
+        }
+
+        let new_http = output
+            .splitter
+            .as_ref()
+            .map(resolve::splitter_services)
+            .unwrap_or_default();
+        match output.splitter {
+            Some(splitter) => {
+                if self.desired.splitters.get(root) != Some(&splitter) {
+                    log.splitter(root, &self.desired);
+                    self.desired.splitters.insert(root.clone(), splitter);
+                }
+            }
+            None => {
+                if self.desired.splitters.contains_key(root) {
+                    log.splitter(root, &self.desired);
+                    self.desired.splitters.remove(root);
+                }
+            }
+        }
+        let reason = HttpReason::Splitter(root.clone());
+        for service in self.splitter_http.remove(root).unwrap_or_default() {
+            if !new_http.contains(&service) {
+                self.set_http_reason(&service, reason.clone(), false, log);
+            }
+        }
+        for service in &new_http {
+            self.set_http_reason(service, reason.clone(), true, log);
+        }
+        if !new_http.is_empty() {
+            self.splitter_http.insert(root.clone(), new_http);
+        }
+    }
+
+    fn set_http_reason(
+        &mut self,
+        service: &ServiceName,
+        reason: HttpReason,
+        wanted: bool,
+        log: &mut ChangeLog,
+    ) {
+        if wanted {
+            let reasons = self.http_reasons.entry(service.clone()).or_default();
+            if reasons.insert(reason) && reasons.len() == 1 {
+                log.defaults(service, &self.desired);
+                self.desired.service_defaults.insert(
+                    service.clone(),
+                    ServiceDefaults {
+                        service: service.clone(),
+                        protocol: "http".into(),
+                    },
+                );
+            }
+        } else if let Some(reasons) = self.http_reasons.get_mut(service)
+            && reasons.remove(&reason)
+            && reasons.is_empty()
+        {
+            self.http_reasons.remove(service);
+            log.defaults(service, &self.desired);
+            self.desired.service_defaults.remove(service);
+        }
+    }
+
+    /// Namespace-collapse warnings depend on the set of namespaces referencing a name: when it
+    /// changed, every reference's warning is regenerated; otherwise only the references of the
+    /// TrafficTargets this change inserted get theirs.
+    fn recompute_collapse(&mut self, touched: &Touched) {
+        for (name, before) in &touched.names {
+            let after = self.namespaces_of(name);
+            let namespaces: BTreeSet<&str> = after.iter().map(String::as_str).collect();
+            if *before != after {
+                let Some(by_namespace) = self.identity_refs.get(name) else {
+                    continue;
+                };
+                for refs in by_namespace.values() {
+                    for (object, _) in refs {
+                        if let Some(diagnostics) = self.diagnostics.get_mut(object) {
+                            diagnostics.collapse.remove(name);
+                        }
+                    }
+                }
+                if namespaces.len() < 2 {
+                    continue;
+                }
+                for (namespace, refs) in by_namespace {
+                    for (object, field) in refs {
+                        let diagnostic = resolve::collapse_diagnostic(
+                            object,
+                            field,
+                            namespace,
+                            name,
+                            &namespaces,
+                        );
+                        if let Some(diagnostics) = self.diagnostics.get_mut(object) {
+                            diagnostics
+                                .collapse
+                                .entry(name.clone())
+                                .or_default()
+                                .push(diagnostic);
+                        }
+                    }
+                }
+            } else if namespaces.len() >= 2 {
+                for object in &touched.targets {
+                    let Some(target_plan) = self.targets.get(object) else {
+                        continue;
+                    };
+                    for identity in target_plan.identities().filter(|i| &i.name == name) {
+                        let diagnostic = resolve::collapse_diagnostic(
+                            object,
+                            &identity.field,
+                            &identity.namespace,
+                            name,
+                            &namespaces,
+                        );
+                        if let Some(diagnostics) = self.diagnostics.get_mut(object) {
+                            diagnostics
+                                .collapse
+                                .entry(name.clone())
+                                .or_default()
+                                .push(diagnostic);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
