@@ -1,1 +1,416 @@
 //! Real Consul dev agents for tests.
+//!
+//! [`ConsulAgent::start`] finds the binary with `tests/harness/install-consul.sh` (which
+//! installs Consul 1.8.7 on first use), starts `consul agent -dev` on free loopback ports,
+//! waits for a leader and, with ACLs, bootstraps them and keeps the management token.
+//! Dev agents keep their state in memory: [`ConsulAgent::restart`] brings the same agent
+//! back on the same ports with EMPTY state, which is what a lost Consul looks like to a
+//! writer. The process is killed and its data directory removed on drop.
+//!
+//! HTTP here is a few lines over `std::net::TcpStream`: the harness needs no async runtime
+//! and no TLS.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How to start an agent.
+#[derive(Clone, Debug, Default)]
+pub struct ConsulAgentOptions {
+    /// Enable ACLs with `default_policy = "deny"` and bootstrap them.
+    pub acl: bool,
+}
+
+impl ConsulAgentOptions {
+    pub fn with_acl() -> Self {
+        ConsulAgentOptions { acl: true }
+    }
+}
+
+struct Ports {
+    http: u16,
+    dns: u16,
+    serf_lan: u16,
+    serf_wan: u16,
+    server: u16,
+}
+
+/// A running `consul agent -dev`.
+pub struct ConsulAgent {
+    options: ConsulAgentOptions,
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    ports: Ports,
+    child: Option<Child>,
+    bootstrap_token: Option<String>,
+    starts: u32,
+}
+
+/// A response from [`ConsulAgent::http`].
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub body: String,
+}
+
+impl ConsulAgent {
+    pub fn start(options: ConsulAgentOptions) -> Result<ConsulAgent> {
+        let binary = consul_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix("consul-smi-agent-")
+            .tempdir()
+            .context("creating the Consul data directory")?;
+        let ports = Ports {
+            http: free_port()?,
+            dns: free_port()?,
+            serf_lan: free_port()?,
+            serf_wan: free_port()?,
+            server: free_port()?,
+        };
+        let mut agent = ConsulAgent {
+            options,
+            binary,
+            dir,
+            ports,
+            child: None,
+            bootstrap_token: None,
+            starts: 0,
+        };
+        agent.launch()?;
+        Ok(agent)
+    }
+
+    /// `127.0.0.1:<port>`, the form `CONSUL_HTTP_ADDR` takes.
+    pub fn http_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.ports.http)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http_addr())
+    }
+
+    /// The management token from `/v1/acl/bootstrap` (ACL agents only).
+    pub fn bootstrap_token(&self) -> Option<&str> {
+        self.bootstrap_token.as_deref()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Kills the agent (as a crash would) and starts it again on the same ports. Dev agents
+    /// come back empty; with ACLs they are bootstrapped again with a new management token.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.launch()
+    }
+
+    /// Kills the agent; the data directory stays until drop.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A raw HTTP request to the agent, with the management token when ACLs are on.
+    pub fn http(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&str>,
+    ) -> Result<HttpReply> {
+        http_request(
+            self.ports.http,
+            method,
+            path_and_query,
+            body,
+            self.bootstrap_token.as_deref(),
+        )
+    }
+
+    /// Like [`http`](Self::http) with an explicit token (`None` = no token at all).
+    pub fn http_with_token(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<HttpReply> {
+        http_request(self.ports.http, method, path_and_query, body, token)
+    }
+
+    /// Creates an ACL policy with `rules` (HCL) and a token holding only it; returns the
+    /// token's SecretID.
+    pub fn create_token(&self, name: &str, rules: &str) -> Result<String> {
+        let policy = serde_like_json_object(&[("Name", name), ("Rules", rules)]);
+        let reply = self.http("PUT", "/v1/acl/policy", Some(&policy))?;
+        if reply.status != 200 {
+            bail!(
+                "creating ACL policy {name}: HTTP {} {}",
+                reply.status,
+                reply.body
+            );
+        }
+        let token = format!(
+            r#"{{"Description":{},"Policies":[{{"Name":{}}}]}}"#,
+            json_string(name),
+            json_string(name)
+        );
+        let reply = self.http("PUT", "/v1/acl/token", Some(&token))?;
+        if reply.status != 200 {
+            bail!(
+                "creating ACL token for policy {name}: HTTP {} {}",
+                reply.status,
+                reply.body
+            );
+        }
+        json_field(&reply.body, "SecretID").ok_or_else(|| anyhow!("no SecretID in {}", reply.body))
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log_path = self.dir.path().join(format!("consul-{}.log", self.starts));
+        let log = std::fs::File::create(&log_path).context("creating the Consul log file")?;
+        let data = self.dir.path().join("data");
+        std::fs::create_dir_all(&data).context("creating the Consul data dir")?;
+        let mut command = Command::new(&self.binary);
+        command
+            .args([
+                "agent",
+                "-dev",
+                "-client",
+                "127.0.0.1",
+                "-bind",
+                "127.0.0.1",
+                "-advertise",
+                "127.0.0.1",
+            ])
+            .args(["-http-port", &self.ports.http.to_string()])
+            .args(["-dns-port", &self.ports.dns.to_string()])
+            .args(["-serf-lan-port", &self.ports.serf_lan.to_string()])
+            .args(["-serf-wan-port", &self.ports.serf_wan.to_string()])
+            .args(["-server-port", &self.ports.server.to_string()])
+            .args(["-grpc-port", "-1", "-disable-host-node-id"])
+            .arg("-data-dir")
+            .arg(&data)
+            .args(["-hcl", "disable_update_check = true"]);
+        if self.options.acl {
+            command.args(["-hcl", r#"acl { enabled = true default_policy = "deny" }"#]);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("cloning the log handle")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        self.child = Some(child);
+        let ready = self.wait_ready();
+        if let Err(e) = ready {
+            self.stop();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "Consul agent on port {} did not become ready: {e:#}\n--- log tail ---\n{}",
+                self.ports.http,
+                tail.join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut last = String::from("no answer yet");
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                bail!("consul exited with {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {START_TIMEOUT:?}; last: {last}");
+            }
+            match http_request(self.ports.http, "GET", "/v1/status/leader", None, None) {
+                Ok(reply) if reply.status == 200 && reply.body.trim().len() > 2 => break,
+                Ok(reply) => last = format!("leader: HTTP {} {}", reply.status, reply.body),
+                Err(e) => last = format!("{e:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.options.acl {
+            // Right after election the ACL system may still be initialising; retry bootstrap.
+            loop {
+                match http_request(self.ports.http, "PUT", "/v1/acl/bootstrap", None, None) {
+                    Ok(reply) if reply.status == 200 => {
+                        let token = json_field(&reply.body, "SecretID").ok_or_else(|| {
+                            anyhow!("no SecretID in bootstrap reply {}", reply.body)
+                        })?;
+                        self.bootstrap_token = Some(token);
+                        break;
+                    }
+                    Ok(reply) => last = format!("bootstrap: HTTP {} {}", reply.status, reply.body),
+                    Err(e) => last = format!("{e:#}"),
+                }
+                if Instant::now() > deadline {
+                    bail!("ACL bootstrap timed out; last: {last}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        // Ready means writes go through, not just that a leader exists.
+        loop {
+            let reply = http_request(
+                self.ports.http,
+                "PUT",
+                "/v1/kv/consul-smi-harness-ready",
+                Some("1"),
+                self.bootstrap_token.as_deref(),
+            );
+            match reply {
+                Ok(reply) if reply.status == 200 => return Ok(()),
+                Ok(reply) => last = format!("kv write: HTTP {} {}", reply.status, reply.body),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() > deadline {
+                bail!("first write timed out; last: {last}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ConsulAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The consul binary: `CONSUL_BIN`, or whatever `tests/harness/install-consul.sh` prints.
+pub fn consul_binary() -> Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/install-consul.sh");
+    let output = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !output.status.success() {
+        bail!("{} failed with {}", script.display(), output.status);
+    }
+    let path = String::from_utf8(output.stdout).context("install-consul.sh printed non-UTF-8")?;
+    let path = PathBuf::from(path.lines().last().unwrap_or_default().trim());
+    if !path.is_file() {
+        bail!("install-consul.sh printed {path:?}, which is not a file");
+    }
+    Ok(path)
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Result<HttpReply> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.unwrap_or("");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(token) = token {
+        request.push_str(&format!("X-Consul-Token: {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP reply {text:?}"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok(HttpReply { status, body })
+}
+
+fn dechunk(mut text: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = text.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        text = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A JSON string literal.
+pub fn json_string(value: &str) -> String {
+    let mut out = String::from("\"");
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn serde_like_json_object(fields: &[(&str, &str)]) -> String {
+    let inner: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+/// The string value of a top-level `"key": "value"` in a flat JSON reply.
+fn json_field(body: &str, key: &str) -> Option<String> {
+    let needle = format!("\"{key}\"");
+    let at = body.find(&needle)? + needle.len();
+    let rest = body[at..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    Some(rest[..rest.find('"')?].to_string())
+}
