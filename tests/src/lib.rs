@@ -5,3 +5,4 @@
 
 pub mod consul;
 pub mod kube;
+pub mod services;

@@ -1,0 +1,220 @@
+//! The three consul-smi services as real processes (the `consul-smi` binary), wired together
+//! over gRPC on free loopback ports. Each can be killed and restarted independently.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::process::{Child, Command};
+
+/// Where the watcher reads SMI objects from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A directory of SMI manifests (`--source dir:PATH`).
+    Dir(PathBuf),
+    /// A Kubernetes API server reached through this kubeconfig.
+    Kube { kubeconfig: PathBuf },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Service {
+    Watcher,
+    Translator,
+    Writer,
+}
+
+impl Service {
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Watcher => "watcher",
+            Service::Translator => "translator",
+            Service::Writer => "writer",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PipelineOptions {
+    pub source: Source,
+    pub consul_addr: String,
+    pub consul_token: Option<String>,
+    /// Extra arguments per service, e.g. `--consul-api modern` for the translator.
+    pub translator_args: Vec<String>,
+    pub writer_args: Vec<String>,
+    pub watcher_args: Vec<String>,
+    /// Extra environment for every service (e.g. OTLP exporter settings).
+    pub env: Vec<(String, String)>,
+}
+
+impl PipelineOptions {
+    pub fn new(source: Source, consul_addr: impl Into<String>) -> Self {
+        PipelineOptions {
+            source,
+            consul_addr: consul_addr.into(),
+            consul_token: None,
+            translator_args: Vec::new(),
+            writer_args: Vec::new(),
+            watcher_args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+pub struct Pipeline {
+    options: PipelineOptions,
+    binary: PathBuf,
+    pub watcher_addr: SocketAddr,
+    pub translator_addr: SocketAddr,
+    pub writer_addr: SocketAddr,
+    watcher: Option<Child>,
+    translator: Option<Child>,
+    writer: Option<Child>,
+}
+
+impl Pipeline {
+    pub async fn start(options: PipelineOptions) -> Result<Pipeline> {
+        let mut pipeline = Pipeline {
+            binary: consul_smi_binary()?,
+            options,
+            watcher_addr: free_addr()?,
+            translator_addr: free_addr()?,
+            writer_addr: free_addr()?,
+            watcher: None,
+            translator: None,
+            writer: None,
+        };
+        for service in [Service::Writer, Service::Watcher, Service::Translator] {
+            pipeline.start_service(service).await?;
+        }
+        Ok(pipeline)
+    }
+
+    fn args(&self, service: Service) -> Vec<String> {
+        let mut args = vec![service.name().to_string(), "--listen".into()];
+        match service {
+            Service::Watcher => {
+                args.push(self.watcher_addr.to_string());
+                match &self.options.source {
+                    Source::Dir(path) => args.extend(["--source".into(), format!("dir:{}", path.display())]),
+                    Source::Kube { kubeconfig } => args.extend([
+                        "--source".into(),
+                        "kube".into(),
+                        "--kubeconfig".into(),
+                        kubeconfig.display().to_string(),
+                    ]),
+                }
+                args.extend(self.options.watcher_args.iter().cloned());
+            }
+            Service::Translator => {
+                args.push(self.translator_addr.to_string());
+                args.extend([
+                    "--watcher".into(),
+                    format!("http://{}", self.watcher_addr),
+                    "--writer".into(),
+                    format!("http://{}", self.writer_addr),
+                    "--batch-millis".into(),
+                    "5".into(),
+                ]);
+                args.extend(self.options.translator_args.iter().cloned());
+            }
+            Service::Writer => {
+                args.push(self.writer_addr.to_string());
+                args.extend(self.options.writer_args.iter().cloned());
+            }
+        }
+        args
+    }
+
+    fn slot(&mut self, service: Service) -> &mut Option<Child> {
+        match service {
+            Service::Watcher => &mut self.watcher,
+            Service::Translator => &mut self.translator,
+            Service::Writer => &mut self.writer,
+        }
+    }
+
+    fn addr(&self, service: Service) -> SocketAddr {
+        match service {
+            Service::Watcher => self.watcher_addr,
+            Service::Translator => self.translator_addr,
+            Service::Writer => self.writer_addr,
+        }
+    }
+
+    pub async fn start_service(&mut self, service: Service) -> Result<()> {
+        let mut command = Command::new(&self.binary);
+        command
+            .args(self.args(service))
+            .env("CONSUL_HTTP_ADDR", &self.options.consul_addr)
+            .env("RUST_LOG", std::env::var("CONSUL_SMI_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(self.options.env.iter().cloned())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(token) = &self.options.consul_token {
+            command.env("CONSUL_HTTP_TOKEN", token);
+        }
+        if std::env::var_os("CONSUL_SMI_TEST_QUIET").is_some() {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("spawning {} {}", self.binary.display(), service.name()))?;
+        *self.slot(service) = Some(child);
+        wait_for_port(self.addr(service), Duration::from_secs(20))
+            .await
+            .with_context(|| format!("consul-smi {} did not start listening on {}", service.name(), self.addr(service)))?;
+        Ok(())
+    }
+
+    /// SIGKILL: no graceful shutdown, as a crash or OOM kill would do.
+    pub async fn kill(&mut self, service: Service) -> Result<()> {
+        if let Some(mut child) = self.slot(service).take() {
+            child.kill().await.context("killing service")?;
+        }
+        Ok(())
+    }
+
+    pub async fn restart(&mut self, service: Service) -> Result<()> {
+        self.kill(service).await?;
+        self.start_service(service).await
+    }
+}
+
+/// The `consul-smi` binary that `cargo test --workspace` builds next to the test executables.
+/// `CONSUL_SMI_BIN` overrides it.
+pub fn consul_smi_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("CONSUL_SMI_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    // target/<profile>/deps/<test> → target/<profile>/consul-smi
+    let profile_dir = exe.parent().and_then(Path::parent).context("test executable has no profile directory")?;
+    let candidate = profile_dir.join("consul-smi");
+    if candidate.exists() {
+        return Ok(candidate);
+    }
+    bail!(
+        "consul-smi binary not found at {} (run `cargo test --workspace`, or `cargo build -p consul-smi` first, or set CONSUL_SMI_BIN)",
+        candidate.display()
+    )
+}
+
+pub fn free_addr() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(listener.local_addr()?)
+}
+
+pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("nothing listening on {addr} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
