@@ -8,6 +8,10 @@ set -euo pipefail
 
 cache="${CONSUL_SMI_CACHE:-$HOME/.cache/consul-smi}"
 out="$cache/kube-bin"
+mkdir -p "$cache"
+# Test binaries may start API servers in parallel; only one of them may build.
+exec 9>"$cache/build-apiserver.lock"
+flock 9
 if [ -x "$out/apiextensions-apiserver" ] && [ -x "$out/etcd" ] && [ -x "$out/kubectl" ]; then
   echo "$out"; exit 0
 fi

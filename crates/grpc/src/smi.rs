@@ -397,6 +397,88 @@ impl TryFrom<v1::SmiObject> for hub::SmiObject {
     }
 }
 
+// ---- watch events: wire -> typed ---------------------------------------------------------
+
+/// Why a snapshot is being sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotReason {
+    /// The subscriber asked for no resume point.
+    Initial,
+    /// The resume point cannot be served: replace everything held with this snapshot.
+    ResumeUnavailable,
+}
+
+/// One `WatchEvent`'s payload in hub types.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchChange {
+    SnapshotBegin(SnapshotReason),
+    SnapshotEnd,
+    Applied(hub::SmiObject),
+    Deleted(hub::ObjectRef),
+    /// The object exists but cannot be used; replaces whatever was held for it.
+    Invalid {
+        object: hub::ObjectRef,
+        api_version: String,
+        reason: String,
+    },
+}
+
+/// A `WatchEvent` in hub types, for subscribers of `SmiWatch.Watch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubWatchEvent {
+    pub epoch: String,
+    pub revision: u64,
+    pub change: WatchChange,
+    /// W3C trace context of the change (absent in snapshots).
+    pub trace: Option<v1::TraceContext>,
+}
+
+impl TryFrom<v1::WatchEvent> for HubWatchEvent {
+    type Error = WireError;
+
+    fn try_from(event: v1::WatchEvent) -> Result<Self, WireError> {
+        use v1::watch_event::Event;
+        let id = format!("WatchEvent@{}", event.revision);
+        let object_ref = |r: Option<&v1::ObjectRef>| -> Result<hub::ObjectRef, WireError> {
+            hub::ObjectRef::try_from(r.ok_or_else(|| WireError::new(&id, "object", "missing"))?)
+        };
+        let change = match event.event {
+            None => return Err(WireError::new(&id, "event", "no event set")),
+            Some(Event::SnapshotBegin(begin)) => {
+                match v1::snapshot_begin::Reason::try_from(begin.reason) {
+                    Ok(v1::snapshot_begin::Reason::ResumeUnavailable) => {
+                        WatchChange::SnapshotBegin(SnapshotReason::ResumeUnavailable)
+                    }
+                    // An unspecified reason still starts a snapshot that replaces everything.
+                    _ => WatchChange::SnapshotBegin(SnapshotReason::Initial),
+                }
+            }
+            Some(Event::SnapshotEnd(_)) => WatchChange::SnapshotEnd,
+            Some(Event::Applied(applied)) => {
+                let object = applied
+                    .object
+                    .as_ref()
+                    .ok_or_else(|| WireError::new(&id, "applied.object", "missing"))?;
+                WatchChange::Applied(hub::SmiObject::try_from(object)?)
+            }
+            Some(Event::Deleted(deleted)) => {
+                WatchChange::Deleted(object_ref(deleted.object.as_ref())?)
+            }
+            Some(Event::Invalid(invalid)) => WatchChange::Invalid {
+                object: object_ref(invalid.object.as_ref())?,
+                api_version: invalid.api_version,
+                reason: invalid.reason,
+            },
+        };
+        Ok(HubWatchEvent {
+            epoch: event.epoch,
+            revision: event.revision,
+            change,
+            trace: event.trace,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,6 +586,32 @@ mod tests {
         let err = hub::SmiObject::try_from(&wire).unwrap_err();
         assert_eq!(err.object, "TCPRoute/default/tcp");
         assert_eq!(err.field, "matches.ports[1]");
+    }
+
+    #[test]
+    fn watch_events_decode_into_hub_types() {
+        let object = samples().remove(0);
+        let event = v1::WatchEvent {
+            epoch: "e".into(),
+            revision: 7,
+            event: Some(v1::watch_event::Event::Applied(v1::Applied {
+                object: Some(v1::SmiObject::from(&object)),
+            })),
+            trace: None,
+        };
+        let typed = HubWatchEvent::try_from(event).unwrap();
+        assert_eq!(typed.revision, 7);
+        assert_eq!(typed.change, WatchChange::Applied(object));
+        let begin = v1::WatchEvent {
+            event: Some(v1::watch_event::Event::SnapshotBegin(v1::SnapshotBegin {
+                reason: v1::snapshot_begin::Reason::ResumeUnavailable as i32,
+            })),
+            ..Default::default()
+        };
+        assert_eq!(
+            HubWatchEvent::try_from(begin).unwrap().change,
+            WatchChange::SnapshotBegin(SnapshotReason::ResumeUnavailable)
+        );
     }
 
     #[test]

@@ -1,0 +1,492 @@
+//! The store shared between the sources (writers) and any number of subscribers (readers).
+//!
+//! Subscribers pull: each one keeps a cursor (the last revision it sent) and reads the
+//! changes after it from the store's bounded history, waiting on a revision notification when
+//! it is up to date. Nothing is queued per subscriber beyond its bounded gRPC channel, so a
+//! slow subscriber costs no memory and never slows the sources down; one that falls behind the
+//! history gets a fresh snapshot (`REASON_RESUME_UNAVAILABLE`) instead of the changes it missed.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use consul_smi_api::ObjectRef;
+use consul_smi_grpc::v1;
+use consul_smi_grpc::v1::snapshot_begin::Reason;
+use consul_smi_grpc::v1::watch_event::Event;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::store::{Change, Delta, Observed, ResumeError, Scope, Store, TraceContext};
+
+/// Deltas copied out of the store per lock acquisition.
+const BATCH: usize = 128;
+
+pub struct SharedStore {
+    epoch: String,
+    store: Mutex<Store>,
+    revision: watch::Sender<u64>,
+    ready: watch::Sender<bool>,
+    closing: watch::Sender<bool>,
+}
+
+impl SharedStore {
+    pub fn new(epoch: String, history_limit: usize) -> Arc<SharedStore> {
+        Arc::new(SharedStore {
+            epoch,
+            store: Mutex::new(Store::new(history_limit)),
+            revision: watch::channel(0).0,
+            ready: watch::channel(false).0,
+            closing: watch::channel(false).0,
+        })
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.lock().revision()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Store> {
+        // A panic while holding the lock cannot leave the store half-updated in a way later
+        // readers could misinterpret (each mutation is one insert/remove plus a push), so a
+        // poisoned lock is still usable.
+        self.store
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn published(&self, deltas: &[Arc<Delta>]) {
+        if let Some(last) = deltas.last() {
+            for delta in deltas {
+                log_delta(delta);
+            }
+            self.revision.send_replace(last.revision);
+        }
+    }
+
+    pub fn upsert(&self, observed: Observed) {
+        let span = change_span("apply", &observed.object_ref());
+        let trace = consul_smi_telemetry::span_context(&span);
+        let delta = self.lock().upsert(observed, trace);
+        self.published(delta.as_slice());
+    }
+
+    pub fn delete(&self, object: &ObjectRef) {
+        let span = change_span("delete", object);
+        let trace = consul_smi_telemetry::span_context(&span);
+        let delta = self.lock().delete(object, trace);
+        self.published(delta.as_slice());
+    }
+
+    /// Replaces everything within `scope` with a complete listing; see [`Store::replace`].
+    pub fn replace(&self, scope: Scope, observed: Vec<Observed>) {
+        let span = tracing::info_span!("smi.relist", scope = ?scope, objects = observed.len());
+        let trace = consul_smi_telemetry::span_context(&span);
+        let deltas = self.lock().replace(scope, observed, trace);
+        if !deltas.is_empty() {
+            info!(scope = ?scope, changes = deltas.len(), "re-list produced changes");
+        }
+        self.published(&deltas);
+    }
+
+    /// The sources have delivered their initial state: subscribers may get snapshots.
+    pub fn set_ready(&self) {
+        if !self.ready.send_replace(true) {
+            let store = self.lock();
+            info!(
+                objects = store.len(),
+                revision = store.revision(),
+                "initial state complete; serving snapshots"
+            );
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    pub async fn wait_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        // The sender lives in `self`, so this cannot fail while we hold `&self`.
+        let _ = ready.wait_for(|r| *r).await;
+    }
+
+    /// Ends every subscription (the server is shutting down).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Streams `request`'s events into `tx` until the subscriber goes away or the store closes.
+    /// Waits for the initial state first, so no subscriber ever sees a partial snapshot.
+    pub async fn run_subscription(
+        self: Arc<Self>,
+        request: v1::WatchRequest,
+        tx: mpsc::Sender<Result<v1::WatchEvent, tonic::Status>>,
+    ) {
+        let subscriber = if request.subscriber.is_empty() {
+            "anonymous"
+        } else {
+            &request.subscriber
+        };
+        let mut closing = self.closing.subscribe();
+        tokio::select! {
+            _ = self.wait_ready() => {}
+            _ = tx.closed() => return,
+            _ = closing.wait_for(|c| *c) => return,
+        }
+        let mut revisions = self.revision.subscribe();
+        revisions.borrow_and_update();
+
+        let resumable = !request.epoch.is_empty()
+            && request.epoch == self.epoch
+            && self.lock().deltas_after(request.after_revision, 0).is_ok();
+        let mut cursor = if resumable {
+            info!(
+                subscriber,
+                after_revision = request.after_revision,
+                "subscriber resumed"
+            );
+            request.after_revision
+        } else {
+            let reason = if request.epoch.is_empty() {
+                Reason::Initial
+            } else {
+                Reason::ResumeUnavailable
+            };
+            if reason == Reason::ResumeUnavailable {
+                info!(
+                    subscriber,
+                    requested_epoch = %request.epoch,
+                    after_revision = request.after_revision,
+                    epoch = %self.epoch,
+                    "cannot resume; sending a fresh snapshot"
+                );
+            }
+            match self.send_snapshot(reason, &tx).await {
+                Some(revision) => revision,
+                None => return,
+            }
+        };
+
+        loop {
+            if *closing.borrow() {
+                return;
+            }
+            revisions.borrow_and_update();
+            let batch = self.lock().deltas_after(cursor, BATCH);
+            match batch {
+                Ok(deltas) if deltas.is_empty() => {
+                    tokio::select! {
+                        changed = revisions.changed() => if changed.is_err() { return },
+                        _ = tx.closed() => return,
+                        _ = closing.changed() => {},
+                    }
+                }
+                Ok(deltas) => {
+                    for delta in deltas {
+                        if tx.send(Ok(delta_event(&self.epoch, &delta))).await.is_err() {
+                            debug!(subscriber, "subscriber went away");
+                            return;
+                        }
+                        cursor = delta.revision;
+                    }
+                }
+                Err(ResumeError::Trimmed { oldest_available }) => {
+                    warn!(
+                        subscriber,
+                        cursor,
+                        oldest_available,
+                        "subscriber fell behind the change history; sending a fresh snapshot"
+                    );
+                    match self.send_snapshot(Reason::ResumeUnavailable, &tx).await {
+                        Some(revision) => cursor = revision,
+                        None => return,
+                    }
+                }
+                Err(ResumeError::Future { .. }) => unreachable!("cursor never passes the store"),
+            }
+        }
+    }
+
+    /// Sends SnapshotBegin, one Applied/Invalid per object, SnapshotEnd, all at the snapshot's
+    /// revision. `None` when the subscriber went away.
+    async fn send_snapshot(
+        &self,
+        reason: Reason,
+        tx: &mpsc::Sender<Result<v1::WatchEvent, tonic::Status>>,
+    ) -> Option<u64> {
+        let snapshot = self.lock().snapshot();
+        let event = |e: Event| v1::WatchEvent {
+            epoch: self.epoch.clone(),
+            revision: snapshot.revision,
+            event: Some(e),
+            trace: None,
+        };
+        let begin = Event::SnapshotBegin(v1::SnapshotBegin {
+            reason: reason as i32,
+        });
+        tx.send(Ok(event(begin))).await.ok()?;
+        for change in snapshot.changes() {
+            tx.send(Ok(event(change_event(&change)))).await.ok()?;
+        }
+        tx.send(Ok(event(Event::SnapshotEnd(v1::SnapshotEnd {}))))
+            .await
+            .ok()?;
+        Some(snapshot.revision)
+    }
+}
+
+fn change_span(action: &'static str, object: &ObjectRef) -> tracing::Span {
+    tracing::info_span!(
+        "smi.change",
+        action,
+        kind = %object.kind,
+        namespace = %object.namespace,
+        name = %object.name
+    )
+}
+
+fn log_delta(delta: &Delta) {
+    match &delta.change {
+        Change::Applied(o) => {
+            debug!(revision = delta.revision, object = %o.object_ref(), "applied")
+        }
+        Change::Deleted(r) => debug!(revision = delta.revision, object = %r, "deleted"),
+        Change::Invalid {
+            object,
+            api_version,
+            reason,
+        } => {
+            warn!(revision = delta.revision, %object, api_version, reason, "invalid SMI object")
+        }
+    }
+}
+
+fn change_event(change: &Change) -> Event {
+    match change {
+        Change::Applied(o) => Event::Applied(v1::Applied {
+            object: Some(v1::SmiObject::from(&**o)),
+        }),
+        Change::Deleted(r) => Event::Deleted(v1::Deleted {
+            object: Some(v1::ObjectRef::from(r)),
+        }),
+        Change::Invalid {
+            object,
+            api_version,
+            reason,
+        } => Event::Invalid(v1::Invalid {
+            object: Some(v1::ObjectRef::from(object)),
+            api_version: api_version.clone(),
+            reason: reason.clone(),
+        }),
+    }
+}
+
+fn delta_event(epoch: &str, delta: &Delta) -> v1::WatchEvent {
+    v1::WatchEvent {
+        epoch: epoch.to_string(),
+        revision: delta.revision,
+        event: Some(change_event(&delta.change)),
+        trace: delta.trace.as_ref().map(trace_to_wire),
+    }
+}
+
+fn trace_to_wire(trace: &TraceContext) -> v1::TraceContext {
+    v1::TraceContext {
+        traceparent: trace.traceparent.clone(),
+        tracestate: trace.tracestate.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use consul_smi_api::{Meta, SmiKind, SmiObject, TcpRoute};
+
+    use super::*;
+
+    fn route(name: &str, rv: u32) -> Observed {
+        Observed::Valid(SmiObject::TcpRoute(TcpRoute {
+            meta: Meta {
+                namespace: "default".into(),
+                name: name.into(),
+                resource_version: Some(rv.to_string()),
+                ..Meta::default()
+            },
+            matches: None,
+        }))
+    }
+
+    fn request(epoch: &str, after_revision: u64) -> v1::WatchRequest {
+        v1::WatchRequest {
+            epoch: epoch.into(),
+            after_revision,
+            subscriber: "test".into(),
+        }
+    }
+
+    type Rx = mpsc::Receiver<Result<v1::WatchEvent, tonic::Status>>;
+
+    fn subscribe(shared: &Arc<SharedStore>, req: v1::WatchRequest, buffer: usize) -> Rx {
+        let (tx, rx) = mpsc::channel(buffer);
+        tokio::spawn(shared.clone().run_subscription(req, tx));
+        rx
+    }
+
+    async fn next(rx: &mut Rx) -> v1::WatchEvent {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an event within 5 s")
+            .expect("stream open")
+            .expect("not an error")
+    }
+
+    /// A compact description of an event: `begin:initial@2`, `applied:a@3`, `deleted:a@4`, ...
+    fn describe(event: &v1::WatchEvent) -> String {
+        let what = match event.event.as_ref().unwrap() {
+            Event::SnapshotBegin(b) if b.reason == Reason::Initial as i32 => "begin:initial".into(),
+            Event::SnapshotBegin(_) => "begin:unavailable".into(),
+            Event::SnapshotEnd(_) => "end".into(),
+            Event::Applied(a) => match a.object.as_ref().unwrap().object.as_ref().unwrap() {
+                v1::smi_object::Object::TcpRoute(r) => {
+                    format!("applied:{}", r.meta.as_ref().unwrap().name)
+                }
+                _ => "applied:?".into(),
+            },
+            Event::Deleted(d) => format!("deleted:{}", d.object.as_ref().unwrap().name),
+            Event::Invalid(i) => format!("invalid:{}", i.object.as_ref().unwrap().name),
+        };
+        format!("{what}@{}", event.revision)
+    }
+
+    async fn take(rx: &mut Rx, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(describe(&next(rx).await));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn subscribers_wait_for_the_initial_state_then_get_snapshot_and_deltas() {
+        let shared = SharedStore::new("e1".into(), 100);
+        let mut rx = subscribe(&shared, request("", 0), 16);
+        shared.replace(Scope::Kind(SmiKind::TCPRoute), vec![route("a", 1)]);
+        // Not ready yet: nothing may be sent, or the subscriber would act on a partial state.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), rx.recv())
+                .await
+                .is_err()
+        );
+        shared.upsert(route("b", 1));
+        shared.set_ready();
+        assert_eq!(
+            take(&mut rx, 4).await,
+            ["begin:initial@2", "applied:a@2", "applied:b@2", "end@2"]
+        );
+        shared.delete(&ObjectRef::new(SmiKind::TCPRoute, "default", "a"));
+        shared.upsert(route("c", 1));
+        assert_eq!(take(&mut rx, 2).await, ["deleted:a@3", "applied:c@4"]);
+    }
+
+    #[tokio::test]
+    async fn resume_in_the_same_epoch_sends_only_missed_deltas() {
+        let shared = SharedStore::new("e1".into(), 100);
+        shared.set_ready();
+        shared.upsert(route("a", 1));
+        shared.upsert(route("b", 1));
+        shared.upsert(route("a", 2));
+        let mut rx = subscribe(&shared, request("e1", 1), 16);
+        assert_eq!(take(&mut rx, 2).await, ["applied:b@2", "applied:a@3"]);
+        shared.upsert(route("c", 1));
+        assert_eq!(take(&mut rx, 1).await, ["applied:c@4"]);
+    }
+
+    #[tokio::test]
+    async fn resume_from_another_epoch_or_beyond_history_gets_a_fresh_snapshot() {
+        let shared = SharedStore::new("e2".into(), 2);
+        shared.set_ready();
+        for rv in 1..=5 {
+            shared.upsert(route("a", rv));
+        }
+        let mut other_epoch = subscribe(&shared, request("e1", 5), 16);
+        assert_eq!(
+            take(&mut other_epoch, 3).await,
+            ["begin:unavailable@5", "applied:a@5", "end@5"]
+        );
+        let mut trimmed = subscribe(&shared, request("e2", 1), 16);
+        assert_eq!(
+            take(&mut trimmed, 3).await,
+            ["begin:unavailable@5", "applied:a@5", "end@5"]
+        );
+        let mut future = subscribe(&shared, request("e2", 99), 16);
+        assert_eq!(take(&mut future, 1).await, ["begin:unavailable@5"]);
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_costs_no_memory_and_catches_up_with_a_fresh_snapshot() {
+        let shared = SharedStore::new("e1".into(), 8);
+        shared.set_ready();
+        let mut rx = subscribe(&shared, request("", 0), 1);
+        assert_eq!(take(&mut rx, 2).await, ["begin:initial@0", "end@0"]);
+        // The subscriber reads nothing while 1,000 changes happen: at most one event waits in
+        // its channel, the history keeps 8, and the writer is never blocked.
+        for rv in 1..=1000 {
+            shared.upsert(route(&format!("r{}", rv % 3), rv));
+        }
+        assert_eq!(shared.revision(), 1000);
+        let mut events = Vec::new();
+        loop {
+            let event = next(&mut rx).await;
+            let done = event.revision == 1000 && matches!(event.event, Some(Event::SnapshotEnd(_)));
+            events.push(describe(&event));
+            if done {
+                break;
+            }
+        }
+        assert!(
+            events.contains(&"begin:unavailable@1000".to_string()),
+            "{events:?}"
+        );
+        assert!(
+            events.len() < 20,
+            "caught up through a snapshot, not 1,000 deltas: {events:?}"
+        );
+        shared.upsert(route("late", 1));
+        assert_eq!(take(&mut rx, 1).await, ["applied:late@1001"]);
+    }
+
+    #[tokio::test]
+    async fn many_subscribers_see_the_same_sequence() {
+        let shared = SharedStore::new("e1".into(), 1000);
+        shared.set_ready();
+        let mut subscribers: Vec<Rx> = (0..50)
+            .map(|_| subscribe(&shared, request("", 0), 4))
+            .collect();
+        for rx in &mut subscribers {
+            assert_eq!(take(rx, 2).await, ["begin:initial@0", "end@0"]);
+        }
+        for rv in 1..=20 {
+            shared.upsert(route("a", rv));
+        }
+        let expected: Vec<String> = (1..=20).map(|r| format!("applied:a@{r}")).collect();
+        for rx in &mut subscribers {
+            assert_eq!(take(rx, 20).await, expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn closing_ends_every_subscription() {
+        let shared = SharedStore::new("e1".into(), 10);
+        shared.set_ready();
+        let mut rx = subscribe(&shared, request("", 0), 4);
+        take(&mut rx, 2).await;
+        shared.close();
+        let end = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert!(end.is_none(), "stream ends");
+    }
+}
