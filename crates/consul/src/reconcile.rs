@@ -968,7 +968,7 @@ impl Reconciler {
         &'a self,
         ops: Vec<(usize, IntentionOp<'o>)>,
         mut current: Option<Option<ServiceIntentionsEntry>>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Vec<(usize, CommandReport)>> + Send + 'a>> {
+    ) -> BoxedReports<'a> {
         Box::pin(async move {
             let destination = ops[0].1.key().destination.clone();
             let namespace = ns_norm(destination.namespace.as_deref()).map(str::to_string);
@@ -1149,6 +1149,8 @@ impl Reconciler {
         (write, reports)
     }
 }
+
+type BoxedReports<'a> = std::pin::Pin<Box<dyn Future<Output = Vec<(usize, CommandReport)>> + Send + 'a>>;
 
 enum EntryWrite {
     Put(ServiceIntentionsEntry, u64),
