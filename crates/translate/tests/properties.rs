@@ -221,14 +221,14 @@ fn assert_index_matches(
 
 #[derive(Clone, Debug)]
 enum Op {
-    Apply(SmiObject),
+    Apply(Box<SmiObject>),
     Delete(ObjectRef),
     Reset(Vec<SmiObject>),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        12 => object().prop_map(Op::Apply),
+        12 => object().prop_map(|o| Op::Apply(Box::new(o))),
         5 => (
             prop_oneof![
                 Just(SmiKind::TrafficTarget),
@@ -319,8 +319,8 @@ proptest! {
             let previous = index.desired().clone();
             let commands = match op {
                 Op::Apply(object) => {
-                    model.insert(object.object_ref(), object.clone());
-                    index.apply(object)
+                    model.insert(object.object_ref(), (*object).clone());
+                    index.apply(*object)
                 }
                 Op::Delete(object) => {
                     model.remove(&object);

@@ -777,7 +777,8 @@ fn empty_route_group_grants_nothing() {
 
 #[test]
 fn traffic_split_becomes_a_splitter_summing_to_exactly_100() {
-    let cases: &[(&[(&str, u64)], &[(&str, f32)])] = &[
+    type Case<'a> = (&'a [(&'a str, u64)], &'a [(&'a str, f32)]);
+    let cases: &[Case] = &[
         (
             &[("v1", 1000), ("v2", 1000), ("v3", 1000)],
             &[("v1", 33.34), ("v2", 33.33), ("v3", 33.33)],

@@ -1,0 +1,220 @@
+//! Full build and single-change times of the translation, on a synthetic mesh.
+//!
+//! `cargo bench -p consul-smi-translate` prints plain figures first (stderr, quotable), then
+//! runs the criterion groups. Mesh: services spread over 20 namespaces, two TrafficTargets per
+//! destination, two sources each, half TCPRoute and half HTTPRouteGroup rules (3 matches),
+//! modern Consul, OSS namespaces (names are unique, so there is no collapse).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use consul_smi_api::{
+    HttpMatch, HttpRouteGroup, Meta, RuleKind, SmiObject, Subject, TcpRoute, TrafficTarget,
+    TrafficTargetRule,
+};
+use consul_smi_translate::{ConsulApi, Index, TranslateOptions, translate};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+
+const NAMESPACES: usize = 20;
+
+fn options() -> TranslateOptions {
+    TranslateOptions {
+        target: ConsulApi::Modern,
+        ..TranslateOptions::default()
+    }
+}
+
+fn meta(namespace: String, name: String, api_version: &str) -> Meta {
+    Meta {
+        namespace,
+        name,
+        api_version: api_version.into(),
+        ..Meta::default()
+    }
+}
+
+fn namespace_of(service: usize) -> String {
+    format!("ns{}", service % NAMESPACES)
+}
+
+fn account(service: usize) -> Subject {
+    Subject {
+        kind: "ServiceAccount".into(),
+        name: format!("svc-{service}"),
+        namespace: Some(namespace_of(service)),
+    }
+}
+
+/// TrafficTarget `i` of a mesh with `targets` TrafficTargets; `extra_source` varies it.
+fn traffic_target(i: usize, targets: usize, extra_source: bool) -> SmiObject {
+    let services = (targets / 2).max(1);
+    let destination = i / 2;
+    let mut sources = vec![
+        account((i * 7 + 1) % services),
+        account((i * 13 + 5) % services),
+    ];
+    if extra_source {
+        sources.push(account((i * 17 + 3) % services));
+    }
+    let rule = if i.is_multiple_of(2) {
+        TrafficTargetRule {
+            kind: RuleKind::TCPRoute,
+            name: "tcp".into(),
+            matches: None,
+        }
+    } else {
+        TrafficTargetRule {
+            kind: RuleKind::HTTPRouteGroup,
+            name: "http".into(),
+            matches: Some(vec!["read".into(), "write".into()]),
+        }
+    };
+    SmiObject::TrafficTarget(TrafficTarget {
+        meta: meta(
+            namespace_of(destination),
+            format!("tt-{i}"),
+            "access.smi-spec.io/v1alpha3",
+        ),
+        destination: account(destination),
+        destination_port: None,
+        sources,
+        rules: vec![rule],
+    })
+}
+
+fn mesh(targets: usize) -> Vec<SmiObject> {
+    let mut objects = Vec::with_capacity(targets + 2 * NAMESPACES);
+    for ns in 0..NAMESPACES {
+        let namespace = format!("ns{ns}");
+        objects.push(SmiObject::TcpRoute(TcpRoute {
+            meta: meta(
+                namespace.clone(),
+                "tcp".into(),
+                "specs.smi-spec.io/v1alpha4",
+            ),
+            matches: None,
+        }));
+        let m = |name: &str, methods: &[&str], path: &str| HttpMatch {
+            name: name.into(),
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+            path_regex: Some(path.into()),
+            headers: Default::default(),
+        };
+        objects.push(SmiObject::HttpRouteGroup(HttpRouteGroup {
+            meta: meta(namespace, "http".into(), "specs.smi-spec.io/v1alpha4"),
+            matches: vec![
+                m("read", &["GET", "HEAD"], "/api/.*"),
+                m("write", &["POST", "PUT"], "/api/.*"),
+                m("metrics", &["GET"], "/metrics"),
+            ],
+        }));
+    }
+    objects.extend((0..targets).map(|i| traffic_target(i, targets, false)));
+    objects
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// Plain figures, measured with `Instant` so they can be quoted without criterion's output.
+fn print_plain_figures() {
+    let options = options();
+    for (targets, runs) in [(1_000, 9), (10_000, 7), (100_000, 3)] {
+        let objects = mesh(targets);
+        let full = median(
+            (0..runs)
+                .map(|_| {
+                    let start = Instant::now();
+                    black_box(translate(black_box(&objects), &options));
+                    start.elapsed()
+                })
+                .collect(),
+        );
+        let index = median(
+            (0..runs)
+                .map(|_| {
+                    let objects = objects.clone();
+                    let start = Instant::now();
+                    let mut index = Index::new(options.clone());
+                    black_box(index.reset(objects));
+                    start.elapsed()
+                })
+                .collect(),
+        );
+        eprintln!(
+            "plain: full build {targets:>6} TrafficTargets: translate() {:>9.2} ms, Index::reset() {:>9.2} ms (median of {runs})",
+            full.as_secs_f64() * 1e3,
+            index.as_secs_f64() * 1e3,
+        );
+    }
+
+    let targets = 10_000;
+    let mut index = Index::new(options.clone());
+    index.reset(mesh(targets));
+    let changes = 2_000;
+    let mut samples = Vec::with_capacity(changes);
+    for n in 0..changes {
+        // Alternate between two versions of one TrafficTarget, so every apply is a real change.
+        let object = traffic_target(4_321, targets, n.is_multiple_of(2));
+        let start = Instant::now();
+        let commands = index.apply(object);
+        samples.push(start.elapsed());
+        assert!(!commands.is_empty());
+    }
+    let mean = samples.iter().sum::<Duration>() / changes as u32;
+    samples.sort();
+    eprintln!(
+        "plain: incremental single TrafficTarget update at {targets}: mean {:.1} µs, median {:.1} µs, p99 {:.1} µs ({changes} changes)",
+        mean.as_secs_f64() * 1e6,
+        samples[changes / 2].as_secs_f64() * 1e6,
+        samples[changes * 99 / 100].as_secs_f64() * 1e6,
+    );
+}
+
+fn benches(c: &mut Criterion) {
+    if std::env::args().any(|a| a == "--bench") {
+        print_plain_figures();
+    }
+    let options = options();
+
+    let mut full = c.benchmark_group("full_build");
+    full.sample_size(10);
+    for targets in [1_000, 10_000, 100_000] {
+        let objects = mesh(targets);
+        full.bench_function(format!("translate/{targets}"), |b| {
+            b.iter(|| translate(black_box(&objects), &options))
+        });
+        full.bench_function(format!("index_reset/{targets}"), |b| {
+            b.iter_batched(
+                || objects.clone(),
+                |objects| {
+                    let mut index = Index::new(options.clone());
+                    index.reset(objects);
+                    index
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    full.finish();
+
+    let targets = 10_000;
+    let mut index = Index::new(options.clone());
+    index.reset(mesh(targets));
+    let versions = [
+        traffic_target(4_321, targets, true),
+        traffic_target(4_321, targets, false),
+    ];
+    let mut n = 0usize;
+    c.bench_function("incremental/traffic_target_update/10000", |b| {
+        b.iter(|| {
+            n += 1;
+            index.apply(versions[n % 2].clone())
+        })
+    });
+}
+
+criterion_group!(translate_benches, benches);
+criterion_main!(translate_benches);
