@@ -1,1 +1,186 @@
-//! translator service.
+//! smi-translator: subscribes to smi-watcher's stream, keeps the translation index, and
+//! sends the resulting commands to consul-writer in batches. A full `Sync` on start, after
+//! every fresh snapshot, after any failed write, and periodically makes restarts of any of
+//! the three services converge with nothing lost and nothing duplicated.
+
+mod diagnostics;
+mod pipeline;
+mod writer_link;
+
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use consul_smi_translate::{ConsulApi, Index, NamespaceMode, TranslateOptions};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::info;
+
+pub use diagnostics::DiagnosticsService;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TranslatorError {
+    #[error("invalid endpoint {endpoint:?}: {source}")]
+    Endpoint {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConsulApiArg {
+    /// Consul < 1.9: L4 intentions only.
+    Legacy,
+    /// Consul 1.9+: config-entry intentions with L7 permissions.
+    Modern,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct TranslatorConfig {
+    /// gRPC listen address (TranslatorDiagnostics and grpc.health.v1).
+    #[arg(
+        long = "listen",
+        env = "CONSUL_SMI_TRANSLATOR_LISTEN",
+        default_value = "0.0.0.0:7402"
+    )]
+    pub listen: std::net::SocketAddr,
+    /// smi-watcher gRPC endpoint.
+    #[arg(
+        long,
+        env = "CONSUL_SMI_WATCHER_ADDR",
+        default_value = "http://127.0.0.1:7401"
+    )]
+    pub watcher: String,
+    /// consul-writer gRPC endpoint.
+    #[arg(
+        long,
+        env = "CONSUL_SMI_WRITER_ADDR",
+        default_value = "http://127.0.0.1:7403"
+    )]
+    pub writer: String,
+    /// Which Consul intention API the writer targets; decides whether L7 rules can be expressed.
+    #[arg(
+        long,
+        env = "CONSUL_SMI_CONSUL_API",
+        value_enum,
+        default_value = "legacy"
+    )]
+    pub consul_api: ConsulApiArg,
+    /// On legacy Consul, turn L7-only grants into plain L4 allows (widens access; off by default).
+    #[arg(long, env = "CONSUL_SMI_WIDEN_L7_ON_LEGACY", default_value_t = false)]
+    pub widen_l7_on_legacy: bool,
+    /// Map Kubernetes namespaces to Consul Enterprise namespaces (mirroring).
+    #[arg(
+        long,
+        env = "CONSUL_SMI_ENTERPRISE_NAMESPACES",
+        default_value_t = false
+    )]
+    pub enterprise_namespaces: bool,
+    /// Prefix for mirrored Consul namespaces (Enterprise mode only).
+    #[arg(long, env = "CONSUL_SMI_NAMESPACE_PREFIX")]
+    pub namespace_prefix: Option<String>,
+    /// Manage a `* -> *` deny intention (default deny), off by default.
+    #[arg(long, env = "CONSUL_SMI_DEFAULT_DENY", default_value_t = false)]
+    pub default_deny: bool,
+    /// Seconds between full Syncs to the writer.
+    #[arg(long, env = "CONSUL_SMI_RESYNC_SECONDS", default_value_t = 60)]
+    pub resync_seconds: u64,
+    /// Longest a change waits to be batched with others, in milliseconds.
+    #[arg(long, env = "CONSUL_SMI_BATCH_MILLIS", default_value_t = 20)]
+    pub batch_millis: u64,
+    /// Name this subscriber reports to the watcher.
+    #[arg(long, env = "CONSUL_SMI_SUBSCRIBER", default_value = "smi-translator")]
+    pub subscriber: String,
+}
+
+impl TranslatorConfig {
+    pub fn translate_options(&self) -> TranslateOptions {
+        TranslateOptions {
+            target: match self.consul_api {
+                ConsulApiArg::Legacy => ConsulApi::Legacy,
+                ConsulApiArg::Modern => ConsulApi::Modern,
+            },
+            widen_l7_on_legacy: self.widen_l7_on_legacy,
+            namespaces: if self.enterprise_namespaces {
+                NamespaceMode::Enterprise {
+                    mirroring_prefix: self.namespace_prefix.clone(),
+                }
+            } else {
+                NamespaceMode::Oss
+            },
+            default_deny: self.default_deny,
+        }
+    }
+}
+
+/// The translator's state shared between the stream consumer, the writer link and the
+/// diagnostics API. Only the stream consumer mutates the index.
+pub type SharedIndex = Arc<RwLock<Index>>;
+
+/// Runs the translator until `shutdown` resolves: the diagnostics/health gRPC server on
+/// `listener`, the watcher subscription and the writer link.
+pub async fn serve(
+    config: TranslatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), TranslatorError> {
+    let watcher = endpoint(&config.watcher)?;
+    let writer = endpoint(&config.writer)?;
+    let index: SharedIndex = Arc::new(RwLock::new(Index::new(config.translate_options())));
+    let invalid = diagnostics::InvalidObjects::default();
+
+    // Bounded: a slow writer slows the stream consumer, which slows the watcher's stream.
+    let (to_writer, from_pipeline) = mpsc::channel(64);
+    let link = writer_link::WriterLink::new(
+        writer,
+        index.clone(),
+        Duration::from_secs(config.resync_seconds.max(1)),
+    );
+    let link_task = tokio::spawn(link.run(from_pipeline));
+    let pipeline = pipeline::Pipeline::new(
+        watcher,
+        index.clone(),
+        invalid.clone(),
+        to_writer,
+        config.subscriber.clone(),
+        Duration::from_millis(config.batch_millis),
+    );
+    let pipeline_task = tokio::spawn(pipeline.run());
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<consul_smi_grpc::v1::translator_diagnostics_server::TranslatorDiagnosticsServer<DiagnosticsService>>()
+        .await;
+    let diagnostics = DiagnosticsService::new(index, invalid);
+    info!(addr = ?listener.local_addr().ok(), watcher = %config.watcher, writer = %config.writer, "smi-translator serving");
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(diagnostics.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    pipeline_task.abort();
+    link_task.abort();
+    result.map_err(TranslatorError::from)
+}
+
+fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, TranslatorError> {
+    tonic::transport::Endpoint::from_shared(addr.to_string())
+        .map(|e| e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true))
+        .map_err(|source| TranslatorError::Endpoint {
+            endpoint: addr.to_string(),
+            source,
+        })
+}
+
+/// Jittered exponential backoff for reconnects: 100 ms doubling to 5 s, ±25 %.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5_000);
+    let jitter = rand::random_range(0.75..1.25);
+    Duration::from_millis((base as f64 * jitter) as u64)
+}

@@ -1,0 +1,237 @@
+//! Consumes smi-watcher's stream: snapshot → `Index::reset`, deltas → `Index::apply/delete`,
+//! and forwards the resulting commands to the writer link in small batches.
+
+use std::time::Duration;
+
+use consul_smi_api::{ObjectRef, SmiObject};
+use consul_smi_core::Command;
+use consul_smi_grpc::v1::{self, smi_watch_client::SmiWatchClient, watch_event::Event};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, warn};
+
+use crate::SharedIndex;
+use crate::diagnostics::InvalidObjects;
+use crate::writer_link::LinkMessage;
+
+pub(crate) struct Pipeline {
+    watcher: tonic::transport::Endpoint,
+    index: SharedIndex,
+    invalid: InvalidObjects,
+    to_writer: mpsc::Sender<LinkMessage>,
+    subscriber: String,
+    batch_window: Duration,
+    /// Resume point: (epoch, last revision seen).
+    position: Option<(String, u64)>,
+}
+
+/// A snapshot being received; applied to the index only once complete so that a stream cut
+/// mid-snapshot never makes the index (and so Consul) lose objects.
+struct PendingSnapshot {
+    objects: Vec<SmiObject>,
+    invalid: Vec<(ObjectRef, String)>,
+}
+
+impl Pipeline {
+    pub(crate) fn new(
+        watcher: tonic::transport::Endpoint,
+        index: SharedIndex,
+        invalid: InvalidObjects,
+        to_writer: mpsc::Sender<LinkMessage>,
+        subscriber: String,
+        batch_window: Duration,
+    ) -> Self {
+        Pipeline {
+            watcher,
+            index,
+            invalid,
+            to_writer,
+            subscriber,
+            batch_window,
+            position: None,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut attempt = 0u32;
+        loop {
+            match self.follow_stream().await {
+                Ok(()) => {
+                    info!("watcher closed the stream; reconnecting");
+                    attempt = 0;
+                }
+                Err(error) => {
+                    warn!(%error, attempt, "watch stream failed; reconnecting");
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+            tokio::time::sleep(crate::backoff(attempt)).await;
+        }
+    }
+
+    async fn follow_stream(&mut self) -> Result<(), tonic::Status> {
+        let channel = self
+            .watcher
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("connect to watcher: {e}")))?;
+        let mut client = SmiWatchClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
+        let (epoch, after_revision) = self.position.clone().unwrap_or_default();
+        let request = v1::WatchRequest {
+            epoch,
+            after_revision,
+            subscriber: self.subscriber.clone(),
+        };
+        let mut stream = client.watch(request).await?.into_inner();
+        info!(resume = ?self.position, "subscribed to smi-watcher");
+
+        let mut snapshot: Option<PendingSnapshot> = None;
+        let mut batch: Vec<Command> = Vec::new();
+        let mut batch_deadline: Option<Instant> = None;
+        loop {
+            let next = match batch_deadline {
+                Some(deadline) => tokio::select! {
+                    message = stream.message() => Some(message?),
+                    _ = tokio::time::sleep_until(deadline) => None,
+                },
+                None => Some(stream.message().await?),
+            };
+            let Some(message) = next else {
+                self.flush(&mut batch).await;
+                batch_deadline = None;
+                continue;
+            };
+            let Some(event) = message else {
+                self.flush(&mut batch).await;
+                return Ok(());
+            };
+            let commands = self.handle(event, &mut snapshot).await;
+            if !commands.is_empty() {
+                batch.extend(commands);
+                batch_deadline.get_or_insert_with(|| Instant::now() + self.batch_window);
+            }
+            if batch.len() >= 512 {
+                self.flush(&mut batch).await;
+                batch_deadline = None;
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        event: v1::WatchEvent,
+        snapshot: &mut Option<PendingSnapshot>,
+    ) -> Vec<Command> {
+        let revision = event.revision;
+        let epoch = event.epoch.clone();
+        let span = info_span!("translate", revision, epoch = %epoch);
+        let _entered = span.enter();
+        let commands = match event.event {
+            Some(Event::SnapshotBegin(begin)) => {
+                debug!(reason = begin.reason, "snapshot begins");
+                *snapshot = Some(PendingSnapshot {
+                    objects: Vec::new(),
+                    invalid: Vec::new(),
+                });
+                Vec::new()
+            }
+            Some(Event::Applied(applied)) => match decode_object(applied.object) {
+                Ok(object) => match snapshot {
+                    Some(pending) => {
+                        pending.objects.push(object);
+                        Vec::new()
+                    }
+                    None => {
+                        self.invalid.clear(&object.object_ref());
+                        self.index
+                            .write()
+                            .expect("index lock poisoned")
+                            .apply(object)
+                    }
+                },
+                Err(reason) => {
+                    warn!(%reason, "undecodable object in watch stream");
+                    Vec::new()
+                }
+            },
+            Some(Event::Deleted(deleted)) => match decode_ref(deleted.object) {
+                Ok(object) if snapshot.is_none() => {
+                    self.invalid.clear(&object);
+                    self.index
+                        .write()
+                        .expect("index lock poisoned")
+                        .delete(&object)
+                }
+                Ok(_) => Vec::new(),
+                Err(reason) => {
+                    warn!(%reason, "undecodable delete in watch stream");
+                    Vec::new()
+                }
+            },
+            Some(Event::Invalid(invalid)) => {
+                match decode_ref(invalid.object) {
+                    Ok(object) => {
+                        // The last valid version (if any) stays in the index: a broken edit
+                        // must not revoke access that is already in effect.
+                        warn!(object = %object, reason = %invalid.reason, "invalid SMI object");
+                        match snapshot {
+                            Some(pending) => pending.invalid.push((object, invalid.reason)),
+                            None => self.invalid.set(object, invalid.reason),
+                        }
+                    }
+                    Err(reason) => warn!(%reason, "undecodable invalid-object report"),
+                }
+                Vec::new()
+            }
+            Some(Event::SnapshotEnd(_)) => match snapshot.take() {
+                Some(pending) => {
+                    info!(
+                        objects = pending.objects.len(),
+                        invalid = pending.invalid.len(),
+                        "snapshot complete"
+                    );
+                    self.invalid.replace(pending.invalid);
+                    let commands = self
+                        .index
+                        .write()
+                        .expect("index lock poisoned")
+                        .reset(pending.objects);
+                    // A fresh snapshot may follow a gap (our restart, the watcher's, lost
+                    // commands): a full Sync makes Consul exactly the desired state.
+                    let _ = self.to_writer.send(LinkMessage::Sync).await;
+                    drop(commands);
+                    Vec::new()
+                }
+                None => Vec::new(),
+            },
+            None => Vec::new(),
+        };
+        self.position = Some((epoch, revision));
+        commands
+    }
+
+    async fn flush(&mut self, batch: &mut Vec<Command>) {
+        if batch.is_empty() {
+            return;
+        }
+        let commands = std::mem::take(batch);
+        if self
+            .to_writer
+            .send(LinkMessage::Commands(commands))
+            .await
+            .is_err()
+        {
+            warn!("writer link stopped; commands dropped (the next Sync restores them)");
+        }
+    }
+}
+
+fn decode_object(object: Option<v1::SmiObject>) -> Result<SmiObject, String> {
+    let object = object.ok_or_else(|| "event without object".to_string())?;
+    SmiObject::try_from(object).map_err(|e| e.to_string())
+}
+
+fn decode_ref(object: Option<v1::ObjectRef>) -> Result<ObjectRef, String> {
+    let object = object.ok_or_else(|| "event without object reference".to_string())?;
+    ObjectRef::try_from(&object).map_err(|e| e.to_string())
+}

@@ -1,0 +1,181 @@
+//! The one task that talks to consul-writer. Commands are sent in order, in batches; any
+//! failure to deliver switches to a full `Sync` of the index's desired state, which makes
+//! lost or duplicated commands harmless.
+
+use std::time::Duration;
+
+use consul_smi_core::Command;
+use consul_smi_grpc::v1::{self, consul_writer_client::ConsulWriterClient};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::SharedIndex;
+
+pub(crate) enum LinkMessage {
+    Commands(Vec<Command>),
+    Sync,
+}
+
+pub(crate) struct WriterLink {
+    endpoint: tonic::transport::Endpoint,
+    index: SharedIndex,
+    resync_every: Duration,
+    client: Option<ConsulWriterClient<Channel>>,
+    next_command_id: u64,
+}
+
+impl WriterLink {
+    pub(crate) fn new(
+        endpoint: tonic::transport::Endpoint,
+        index: SharedIndex,
+        resync_every: Duration,
+    ) -> Self {
+        WriterLink {
+            endpoint,
+            index,
+            resync_every,
+            client: None,
+            next_command_id: 0,
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut inbox: mpsc::Receiver<LinkMessage>) {
+        // Sync first: whatever happened while we were down, Consul converges to the index.
+        let mut sync_needed = true;
+        let mut attempt = 0u32;
+        let mut resync = tokio::time::interval(self.resync_every);
+        resync.tick().await;
+        loop {
+            let mut batch = Vec::new();
+            if !sync_needed {
+                tokio::select! {
+                    message = inbox.recv() => match message {
+                        Some(LinkMessage::Commands(commands)) => batch.extend(commands),
+                        Some(LinkMessage::Sync) => sync_needed = true,
+                        None => return,
+                    },
+                    _ = resync.tick() => sync_needed = true,
+                }
+            }
+            // Take everything already queued: one RPC instead of many.
+            while let Ok(message) = inbox.try_recv() {
+                match message {
+                    LinkMessage::Commands(commands) => batch.extend(commands),
+                    LinkMessage::Sync => sync_needed = true,
+                }
+            }
+            let delivered = if sync_needed {
+                // The Sync reads the index now, so it also covers every queued command.
+                self.sync().await
+            } else {
+                self.apply(batch).await
+            };
+            match delivered {
+                Ok(()) => {
+                    if sync_needed {
+                        sync_needed = false;
+                        resync.reset();
+                    }
+                    attempt = 0;
+                }
+                Err(error) => {
+                    warn!(%error, attempt, "delivery to consul-writer failed; will Sync when it is back");
+                    self.client = None;
+                    sync_needed = true;
+                    attempt = attempt.saturating_add(1);
+                    tokio::time::sleep(crate::backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    async fn client(&mut self) -> Result<&mut ConsulWriterClient<Channel>, tonic::Status> {
+        if self.client.is_none() {
+            let channel = self
+                .endpoint
+                .connect()
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("connect to writer: {e}")))?;
+            self.client = Some(
+                ConsulWriterClient::new(channel)
+                    .max_decoding_message_size(64 * 1024 * 1024)
+                    .max_encoding_message_size(64 * 1024 * 1024),
+            );
+        }
+        Ok(self.client.as_mut().expect("client just set"))
+    }
+
+    async fn apply(&mut self, commands: Vec<Command>) -> Result<(), tonic::Status> {
+        if commands.is_empty() {
+            return Ok(());
+        }
+        let span = info_span!("apply_batch", commands = commands.len());
+        let wire: Vec<v1::Command> = commands
+            .iter()
+            .map(|command| {
+                self.next_command_id += 1;
+                consul_smi_grpc::writer::command_to_wire(
+                    format!("c{}", self.next_command_id),
+                    command,
+                )
+            })
+            .collect();
+        let client = self.client().await?;
+        let response = client
+            .apply(v1::ApplyRequest { commands: wire })
+            .instrument(span)
+            .await?
+            .into_inner();
+        report_outcomes(&response.results);
+        Ok(())
+    }
+
+    async fn sync(&mut self) -> Result<(), tonic::Status> {
+        let state = {
+            let index = self.index.read().expect("index lock poisoned");
+            v1::DesiredState::from(index.desired())
+        };
+        let span = info_span!(
+            "sync",
+            intentions = state.intentions.len(),
+            splitters = state.splitters.len()
+        );
+        let client = self.client().await?;
+        let response = client
+            .sync(v1::SyncRequest {
+                state: Some(state),
+                trace: None,
+            })
+            .instrument(span)
+            .await?
+            .into_inner();
+        info!(
+            created = response.created,
+            updated = response.updated,
+            deleted = response.deleted,
+            unchanged = response.unchanged,
+            conflicts = response.conflicts,
+            "synced Consul to the desired state"
+        );
+        report_outcomes(&response.results);
+        Ok(())
+    }
+}
+
+fn report_outcomes(results: &[v1::CommandResult]) {
+    for result in results {
+        match v1::Outcome::try_from(result.outcome).unwrap_or(v1::Outcome::Unspecified) {
+            v1::Outcome::Applied | v1::Outcome::Unchanged => {}
+            v1::Outcome::Conflict => {
+                warn!(id = %result.id, message = %result.message, "conflict: an object consul-smi does not own is in the way")
+            }
+            v1::Outcome::Rejected => {
+                warn!(id = %result.id, message = %result.message, "Consul rejected a command")
+            }
+            v1::Outcome::Failed | v1::Outcome::Unspecified => {
+                warn!(id = %result.id, message = %result.message, "command failed; the next Sync retries it")
+            }
+        }
+    }
+}
