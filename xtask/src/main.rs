@@ -1,5 +1,6 @@
 //! Developer commands: `cargo xtask <command>`.
 
+mod demo;
 mod gen_crds;
 
 use clap::{Parser, Subcommand};
@@ -15,10 +16,13 @@ struct Cli {
 enum Command {
     /// Generate CRDs (schemas/crds, deploy/base/crds.yaml) and JSON Schemas (schemas/jsonschema).
     GenCrds(gen_crds::Args),
+    /// Run the product end to end: real Consul + the three services on deploy/examples/.
+    Demo(demo::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::GenCrds(args) => gen_crds::run(args),
+        Command::Demo(args) => demo::run(args),
     }
 }
