@@ -320,6 +320,27 @@ mod tests {
     }
 
     #[test]
+    fn outcome_from_status() {
+        use http::StatusCode;
+        assert_eq!(
+            ConsulOutcome::from_status(StatusCode::OK),
+            ConsulOutcome::Ok
+        );
+        assert_eq!(
+            ConsulOutcome::from_status(StatusCode::CONFLICT),
+            ConsulOutcome::Conflict
+        );
+        assert_eq!(
+            ConsulOutcome::from_status(StatusCode::FORBIDDEN),
+            ConsulOutcome::ClientError
+        );
+        assert_eq!(
+            ConsulOutcome::from_status(StatusCode::BAD_GATEWAY),
+            ConsulOutcome::ServerError
+        );
+    }
+
+    #[test]
     fn clones_share_values_and_services_can_add_metrics() {
         let metrics = Metrics::new();
         let clone = metrics.clone();

@@ -111,6 +111,24 @@ async fn sampled_out_traces_propagate_but_are_not_exported() {
     assert_eq!(receiver.spans(), Vec::new());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_guard_exports_what_is_pending() {
+    let receiver = OtlpReceiver::start().await.expect("start OTLP receiver");
+    let mut config = exporting_to(&receiver, "smi-writer");
+    // Longer than the test waits: only the shutdown in Drop can have sent the span.
+    config.otlp.as_mut().unwrap().batch_delay = Some(Duration::from_secs(600));
+    let (dispatch, guard) = build(&config).unwrap();
+    tracing::dispatcher::with_default(&dispatch, || {
+        let _span = info_span!("consul_request").entered();
+    });
+    drop(guard);
+    assert_eq!(
+        receiver.spans().len(),
+        1,
+        "Drop returns after the exporter shut down"
+    );
+}
+
 #[test]
 fn without_an_endpoint_there_is_no_exporter() {
     let mut config = TelemetryConfig::new("smi-writer");
