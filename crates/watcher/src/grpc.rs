@@ -43,6 +43,9 @@ impl SmiWatch for WatchService {
     }
 }
 
+/// The event stream [`subscribe`] returns.
+pub type WatchEventStream = tonic::Streaming<v1::WatchEvent>;
+
 /// Subscribes to a watcher at `endpoint` (e.g. `http://127.0.0.1:7401`). Pass an empty
 /// `epoch` for a fresh snapshot, or the epoch and last revision seen to resume; the stream
 /// starts with `SnapshotBegin{REASON_RESUME_UNAVAILABLE}` when the watcher cannot resume.
@@ -51,7 +54,7 @@ pub async fn subscribe(
     epoch: impl Into<String>,
     after_revision: u64,
     subscriber: impl Into<String>,
-) -> Result<tonic::Streaming<v1::WatchEvent>, WatcherError> {
+) -> Result<WatchEventStream, WatcherError> {
     let mut client = SmiWatchClient::connect(endpoint.into()).await?;
     let request = v1::WatchRequest {
         epoch: epoch.into(),

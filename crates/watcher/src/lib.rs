@@ -26,7 +26,7 @@ pub mod store;
 pub mod webhook;
 
 pub use config::{Source, WatcherConfig};
-pub use grpc::{WatchService, subscribe};
+pub use grpc::{WatchEventStream, WatchService, subscribe};
 pub use shared::SharedStore;
 
 #[derive(Debug, thiserror::Error)]

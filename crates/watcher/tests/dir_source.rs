@@ -1,0 +1,236 @@
+//! The `dir:` source end to end: `serve` on a temporary directory, a real gRPC subscriber.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use consul_smi_api::{ObjectRef, SmiKind, SmiObject};
+use consul_smi_grpc::smi::{HubWatchEvent, SnapshotReason, WatchChange};
+use consul_smi_watcher::{Source, WatchEventStream, WatcherConfig};
+use tokio::net::TcpListener;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+struct Replica {
+    stream: WatchEventStream,
+    objects: BTreeMap<ObjectRef, Result<SmiObject, String>>,
+    revision: u64,
+    deltas: usize,
+}
+
+impl Replica {
+    async fn next(&mut self) -> HubWatchEvent {
+        let message = tokio::time::timeout(TIMEOUT, self.stream.message())
+            .await
+            .expect("event within timeout")
+            .expect("stream ok")
+            .expect("stream open");
+        let event = HubWatchEvent::try_from(message).unwrap();
+        match &event.change {
+            WatchChange::SnapshotBegin(_) => self.objects.clear(),
+            WatchChange::SnapshotEnd => {}
+            change => {
+                if event.revision > self.revision {
+                    self.deltas += 1;
+                }
+                match change {
+                    WatchChange::Applied(o) => {
+                        self.objects.insert(o.object_ref(), Ok(o.clone()));
+                    }
+                    WatchChange::Deleted(r) => {
+                        self.objects.remove(r);
+                    }
+                    WatchChange::Invalid { object, reason, .. } => {
+                        self.objects.insert(object.clone(), Err(reason.clone()));
+                    }
+                    _ => unreachable!(),
+                }
+            }
+        }
+        self.revision = event.revision;
+        event
+    }
+
+    async fn wait_until(&mut self, what: &str, done: impl Fn(&Replica) -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting until {what}: {:?}",
+                self.objects
+            );
+            self.next().await;
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.objects
+            .keys()
+            .map(|r| format!("{}/{}", r.kind, r.name))
+            .collect()
+    }
+}
+
+fn write(dir: &Path, file: &str, text: &str) {
+    // Write-then-rename, like editors and git do, so a poll never sees half a file here.
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(file)).unwrap();
+}
+
+const ROUTES: &str = "\
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: TCPRoute
+metadata: {name: db, namespace: default}
+spec: {matches: {ports: [5432]}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: not-smi}
+---
+apiVersion: specs.smi-spec.io/v1alpha1
+kind: TCPRoute
+metadata: {name: legacy, namespace: default}
+";
+
+const TARGET: &str = "\
+kind: TrafficTarget
+apiVersion: access.smi-spec.io/v1alpha1
+metadata: {name: counting-traffic-target, namespace: default}
+destination: {kind: ServiceAccount, name: counting, namespace: default}
+sources:
+- {kind: ServiceAccount, name: dashboard, namespace: default}
+specs:
+- {kind: TCPRoute, name: legacy}
+";
+
+#[tokio::test]
+async fn dir_source_streams_snapshot_and_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "routes.yaml", ROUTES);
+    std::fs::create_dir(dir.path().join("access")).unwrap();
+    write(&dir.path().join("access"), "target.yml", TARGET);
+
+    let mut config = WatcherConfig::new(Source::Dir(dir.path().to_path_buf()));
+    config.poll_interval_ms = 50;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(consul_smi_watcher::serve(config, listener, async {
+        let _ = stopped.await;
+    }));
+
+    let stream = consul_smi_watcher::subscribe(endpoint.clone(), "", 0, "dir-test")
+        .await
+        .unwrap();
+    let mut replica = Replica {
+        stream,
+        objects: BTreeMap::new(),
+        revision: 0,
+        deltas: 0,
+    };
+    let begin = replica.next().await;
+    assert_eq!(
+        begin.change,
+        WatchChange::SnapshotBegin(SnapshotReason::Initial)
+    );
+    replica
+        .wait_until("snapshot end", |r| r.objects.len() == 3)
+        .await;
+    assert!(matches!(
+        replica.next().await.change,
+        WatchChange::SnapshotEnd
+    ));
+    assert_eq!(
+        replica.names(),
+        [
+            "TrafficTarget/counting-traffic-target",
+            "TCPRoute/db",
+            "TCPRoute/legacy"
+        ]
+    );
+    match &replica.objects
+        [&ObjectRef::new(SmiKind::TrafficTarget, "default", "counting-traffic-target")]
+    {
+        Ok(SmiObject::TrafficTarget(t)) => {
+            assert_eq!(t.destination.name, "counting");
+            assert_eq!(t.sources[0].name, "dashboard");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // An object removed from a file is deleted; a changed one is applied.
+    write(
+        dir.path(),
+        "routes.yaml",
+        "apiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\nmetadata: {name: db}\nspec: {matches: {ports: [6432]}}\n",
+    );
+    replica
+        .wait_until("legacy deleted and db changed", |r| {
+            let db = &r.objects.get(&ObjectRef::new(SmiKind::TCPRoute, "default", "db"));
+            r.objects.len() == 2
+                && matches!(db, Some(Ok(SmiObject::TcpRoute(t))) if t.matches.as_ref().unwrap().ports == [6432])
+        })
+        .await;
+
+    // A file that does not parse keeps its objects (a half-written file must not delete them).
+    write(dir.path(), "routes.yaml", "apiVersion: [unclosed\n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(300), replica.stream.message()).await;
+    assert!(quiet.is_err(), "no change for a broken file: {quiet:?}");
+
+    // An invalid SMI object is reported and does not stop the stream.
+    write(
+        dir.path(),
+        "split.yaml",
+        "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {name: canary}\nspec:\n  service: \"\"\n  backends: [{service: v1, weight: 1}]\n",
+    );
+    replica
+        .wait_until("invalid split reported", |r| {
+            matches!(r.objects.get(&ObjectRef::new(SmiKind::TrafficSplit, "default", "canary")), Some(Err(reason)) if reason.contains("spec.service"))
+        })
+        .await;
+
+    // Removing a file deletes its objects.
+    std::fs::remove_file(dir.path().join("access/target.yml")).unwrap();
+    replica
+        .wait_until("target deleted", |r| {
+            !r.objects.contains_key(&ObjectRef::new(
+                SmiKind::TrafficTarget,
+                "default",
+                "counting-traffic-target",
+            ))
+        })
+        .await;
+
+    // Resume in the same epoch gets exactly what came after.
+    let epoch = begin.epoch.clone();
+    let at = replica.revision;
+    write(
+        dir.path(),
+        "more.yaml",
+        "apiVersion: specs.smi-spec.io/v1alpha4\nkind: UDPRoute\nmetadata: {name: dns}\nspec: {matches: {ports: [53]}}\n",
+    );
+    let resumed = consul_smi_watcher::subscribe(endpoint, epoch, at, "dir-resume")
+        .await
+        .unwrap();
+    let mut resumed = Replica {
+        stream: resumed,
+        objects: BTreeMap::new(),
+        revision: at,
+        deltas: 0,
+    };
+    let first = resumed.next().await;
+    assert!(
+        matches!(first.change, WatchChange::Applied(ref o) if o.meta().name == "dns"),
+        "{first:?}"
+    );
+    assert_eq!(first.revision, at + 1);
+
+    let _ = stop.send(());
+    tokio::time::timeout(TIMEOUT, server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
