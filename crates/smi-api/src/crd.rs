@@ -206,20 +206,28 @@ fn conversion_spec(kind: SmiKind, conversion: &CrdConversion) -> CustomResourceC
 
 fn column(
     name: &str,
-    type_: &str,
     json_path: &str,
+    priority: i32,
     description: &str,
 ) -> CustomResourceColumnDefinition {
     CustomResourceColumnDefinition {
         name: name.to_string(),
-        type_: type_.to_string(),
+        type_: if json_path == ".metadata.creationTimestamp" {
+            "date"
+        } else {
+            "string"
+        }
+        .to_string(),
         json_path: json_path.to_string(),
         description: Some(description.to_string()),
         format: None,
-        priority: None,
+        priority: Some(priority).filter(|p| *p > 0),
     }
 }
 
+/// Printer columns. The API server prints only the first value a JSON path yields, so list
+/// columns print the whole list (`.spec.sources`), not `[*].name` (which would show one
+/// source and hide the rest); the longer ones only in `-o wide` (priority 1).
 fn printer_columns(kind: SmiKind, version: &str) -> Vec<CustomResourceColumnDefinition> {
     let top_level = matches!(
         (kind, version),
@@ -242,58 +250,54 @@ fn printer_columns(kind: SmiKind, version: &str) -> Vec<CustomResourceColumnDefi
             vec![
                 column(
                     "Destination",
-                    "string",
                     &at("destination.name"),
+                    0,
                     "Destination ServiceAccount.",
                 ),
-                column(
-                    "Sources",
-                    "string",
-                    &at("sources[*].name"),
-                    "Source ServiceAccounts.",
-                ),
-                column(
-                    "Rules",
-                    "string",
-                    &at(&format!("{rules}[*].name")),
-                    "Referenced routes.",
-                ),
+                column("Sources", &at("sources"), 0, "Source ServiceAccounts."),
+                column("Rules", &at(rules), 1, "Routes the sources may use."),
             ]
         }
-        SmiKind::HTTPRouteGroup => vec![column(
-            "Matches",
-            "string",
-            &at("matches[*].name"),
-            "Names of the matches.",
-        )],
+        SmiKind::HTTPRouteGroup => vec![column("Matches", &at("matches"), 1, "HTTP matches.")],
         SmiKind::TCPRoute | SmiKind::UDPRoute if version == "v1alpha4" => {
             vec![column(
                 "Ports",
-                "string",
                 ".spec.matches.ports",
+                0,
                 "Matched ports; empty means all.",
             )]
         }
         SmiKind::TCPRoute | SmiKind::UDPRoute => Vec::new(),
-        SmiKind::TrafficSplit => vec![
-            column(
-                "Service",
-                "string",
-                ".spec.service",
-                "The apex service of this split.",
-            ),
-            column(
-                "Backends",
-                "string",
-                ".spec.backends[*].service",
-                "Backend services.",
-            ),
-        ],
+        SmiKind::TrafficSplit => {
+            let mut split = vec![
+                column(
+                    "Service",
+                    ".spec.service",
+                    0,
+                    "The apex service of this split.",
+                ),
+                column(
+                    "Backends",
+                    ".spec.backends",
+                    0,
+                    "Backend services and weights.",
+                ),
+            ];
+            if !matches!(version, "v1alpha1" | "v1alpha2") {
+                split.push(column(
+                    "Matches",
+                    ".spec.matches",
+                    1,
+                    "HTTPRouteGroups this split applies to.",
+                ));
+            }
+            split
+        }
     };
     columns.push(column(
         "Age",
-        "date",
         ".metadata.creationTimestamp",
+        0,
         "Time since creation.",
     ));
     columns
@@ -491,6 +495,17 @@ fn to_json_schema_node(node: &mut Value) {
     let Some(obj) = node.as_object_mut() else {
         return;
     };
+    // The one untyped node in our CRDs is HTTPRouteGroup `headers` (map or list of maps;
+    // tests/crds.rs checks that no other node is untyped); JSON Schema can say it precisely.
+    if obj.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true))
+        && !obj.contains_key("type")
+    {
+        obj.remove("x-kubernetes-preserve-unknown-fields");
+        if let Value::Object(precise) = crate::specs::headers_json_schema() {
+            obj.extend(precise);
+        }
+        return;
+    }
     let int_or_string = obj.remove("x-kubernetes-int-or-string").is_some();
     obj.retain(|k, _| !k.starts_with("x-kubernetes-"));
     if int_or_string {
@@ -505,4 +520,43 @@ fn to_json_schema_node(node: &mut Value) {
         obj.insert("additionalProperties".to_string(), json!(false));
     }
     for_each_subschema(obj, to_json_schema_node);
+}
+
+const GENERATED_HEADER: &str =
+    "# Generated by `cargo xtask gen-crds` from crates/smi-api; do not edit.\n";
+
+/// Directories (relative to the workspace root) whose every file is generated.
+pub const GENERATED_DIRS: [&str; 2] = ["schemas/crds", "schemas/jsonschema"];
+
+/// Every file `cargo xtask gen-crds` writes, by path relative to the workspace root:
+/// `schemas/crds/<plural>.<group>.yaml`, `schemas/jsonschema/<kind>-<version>.json` and
+/// `deploy/base/crds.yaml`, all with the deployed webhook ([`CrdConversion::deployed`]).
+pub fn generated_files() -> Result<BTreeMap<String, String>, String> {
+    let conversion = CrdConversion::deployed();
+    let mut files = BTreeMap::new();
+    let mut all = String::from(GENERATED_HEADER);
+    for kind in SmiKind::ALL {
+        let yaml = serde_saphyr::to_string(&crd_manifest(&crd(kind, &conversion)))
+            .map_err(|e| format!("{kind}: {e}"))?;
+        files.insert(
+            format!("schemas/crds/{}.{}.yaml", kind.plural(), kind.group()),
+            format!("{GENERATED_HEADER}{yaml}"),
+        );
+        all.push_str("---\n");
+        all.push_str(&yaml);
+        for version in served_versions(kind) {
+            let schema = json_schema(kind, version)
+                .ok_or_else(|| format!("no JSON Schema for {kind} {version}"))?;
+            let text = serde_json::to_string_pretty(&schema).map_err(|e| e.to_string())?;
+            files.insert(
+                format!(
+                    "schemas/jsonschema/{}-{version}.json",
+                    kind.as_str().to_lowercase()
+                ),
+                text + "\n",
+            );
+        }
+    }
+    files.insert("deploy/base/crds.yaml".to_string(), all);
+    Ok(files)
 }

@@ -70,13 +70,28 @@ pub struct HttpMatch {
     /// URI path regex of this match, anchored at the start (`^`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_regex: Option<String>,
-    /// Header name to value regex; all must match.
+    /// Header name to value regex; all must match. A map, or a list of single-entry maps as
+    /// smi-sdk-go's published CRDs required.
     #[serde(
         default,
         skip_serializing_if = "BTreeMap::is_empty",
         deserialize_with = "headers_map_or_list"
     )]
+    #[schemars(schema_with = "headers_schema")]
     pub headers: BTreeMap<String, String>,
+}
+
+/// A structural schema cannot say "map or list of maps", so the CRD leaves the shape to the
+/// decoder (which rejects anything else with the field path); the JSON Schema for editors,
+/// which can, gets the precise form ([`headers_json_schema`]).
+fn headers_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"x-kubernetes-preserve-unknown-fields": true})
+}
+
+/// The precise JSON Schema of `headers`: a map, or a list of maps.
+pub(crate) fn headers_json_schema() -> serde_json::Value {
+    let map = serde_json::json!({"type": "object", "additionalProperties": {"type": "string"}});
+    serde_json::json!({"anyOf": [map, {"type": "array", "items": map}]})
 }
 
 /// smi-sdk-go's published CRDs declare `headers` as a list of single-entry maps while its Go
