@@ -41,6 +41,16 @@ const TRANSIENT_500_MARKERS: &[&str] = &[
 
 const MAX_RETRY_DELAY: Duration = Duration::from_millis(2000);
 
+/// Sees every HTTP attempt, for metrics and trace propagation (the writer plugs telemetry
+/// in here so this crate stays free of it).
+pub trait RequestObserver: Send + Sync + 'static {
+    /// `status` is `None` when no HTTP response arrived (connect, TLS or timeout failure).
+    fn observe(&self, method: &Method, path: &str, status: Option<u16>, elapsed: Duration);
+
+    /// Adds headers to an outgoing request, e.g. W3C `traceparent`.
+    fn add_headers(&self, _headers: &mut reqwest::header::HeaderMap) {}
+}
+
 /// A Consul response body with the `X-Consul-Index` of blocking-capable endpoints.
 #[derive(Debug)]
 pub struct RawResponse {
@@ -137,6 +147,7 @@ struct Inner {
     retry_base: Duration,
     request_timeout: Duration,
     flavor: OnceCell<ApiFlavor>,
+    observer: Option<Arc<dyn RequestObserver>>,
 }
 
 /// A cheaply clonable Consul HTTP client.
@@ -157,6 +168,14 @@ impl std::fmt::Debug for ConsulClient {
 impl ConsulClient {
     /// Builds the client (reads the token file and TLS files now, so mistakes fail fast).
     pub fn new(config: &ConsulConfig) -> Result<Self, ConsulError> {
+        Self::with_observer(config, None)
+    }
+
+    /// Like [`new`](Self::new), reporting every HTTP attempt to `observer`.
+    pub fn with_observer(
+        config: &ConsulConfig,
+        observer: Option<Arc<dyn RequestObserver>>,
+    ) -> Result<Self, ConsulError> {
         install_crypto_provider();
         let base_url = config.base_url()?;
         let token = config.resolve_token()?;
@@ -212,6 +231,7 @@ impl ConsulClient {
                 retry_base: config.retry_base,
                 request_timeout: config.request_timeout,
                 flavor: OnceCell::new(),
+                observer,
             }),
         })
     }
@@ -374,16 +394,31 @@ impl ConsulClient {
         if let Some(token) = &inner.token {
             request = request.header("X-Consul-Token", token);
         }
+        if let Some(observer) = &inner.observer {
+            let mut headers = reqwest::header::HeaderMap::new();
+            observer.add_headers(&mut headers);
+            if !headers.is_empty() {
+                request = request.headers(headers);
+            }
+        }
+        let started = std::time::Instant::now();
+        let observe = |status: Option<u16>| {
+            if let Some(observer) = &inner.observer {
+                observer.observe(&call.method, &call.path, status, started.elapsed());
+            }
+        };
         if let Some(body) = &call.body {
             request = request
                 .header("Content-Type", "application/json")
                 .body(body.clone());
         }
-        let response = request
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| Attempt::Transient(error_chain(&e)))?;
+        let response = match request.timeout(timeout).send().await {
+            Ok(response) => response,
+            Err(e) => {
+                observe(None);
+                return Err(Attempt::Transient(error_chain(&e)));
+            }
+        };
         let status = response.status();
         let index = response
             .headers()
@@ -393,8 +428,12 @@ impl ConsulClient {
         let body = response
             .bytes()
             .await
-            .map_err(|e| Attempt::Transient(error_chain(&e)))?
+            .map_err(|e| {
+                observe(None);
+                Attempt::Transient(error_chain(&e))
+            })?
             .to_vec();
+        observe(Some(status.as_u16()));
         if status.is_success() {
             return Ok(RawResponse { index, body });
         }

@@ -17,7 +17,8 @@ mod reconcile;
 mod version;
 
 pub use client::{
-    Blocking, Call, ConsulClient, Indexed, RawResponse, clean_validation, install_crypto_provider,
+    Blocking, Call, ConsulClient, Indexed, RawResponse, RequestObserver, clean_validation,
+    install_crypto_provider,
 };
 pub use config::{ConsulConfig, parse_duration};
 pub use error::ConsulError;

@@ -131,13 +131,14 @@ impl SyncReport {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum IntentionOp<'a> {
-    Upsert(&'a Intention),
-    Delete(&'a IntentionKey),
+// Owned (not borrowed) so the futures that carry ops stay `Send` for any caller.
+#[derive(Clone, Debug)]
+enum IntentionOp {
+    Upsert(Intention),
+    Delete(IntentionKey),
 }
 
-impl IntentionOp<'_> {
+impl IntentionOp {
     fn key(&self) -> &IntentionKey {
         match self {
             IntentionOp::Upsert(i) => &i.key,
@@ -252,8 +253,8 @@ impl Reconciler {
         let ops: Vec<(usize, IntentionOp)> = intentions
             .into_iter()
             .map(|i| match &commands[i] {
-                Command::UpsertIntention(intention) => (i, IntentionOp::Upsert(intention)),
-                Command::DeleteIntention(key) => (i, IntentionOp::Delete(key)),
+                Command::UpsertIntention(intention) => (i, IntentionOp::Upsert(intention.clone())),
+                Command::DeleteIntention(key) => (i, IntentionOp::Delete(key.clone())),
                 _ => unreachable!("filtered to intention commands above"),
             })
             .collect();
@@ -396,7 +397,7 @@ impl Reconciler {
             .intentions
             .values()
             .enumerate()
-            .map(|(i, x)| (i, IntentionOp::Upsert(x)))
+            .map(|(i, x)| (i, IntentionOp::Upsert(x.clone())))
             .collect();
         let results = match flavor {
             ApiFlavor::Legacy => {
@@ -418,7 +419,7 @@ impl Reconciler {
                     orphan_keys
                         .iter()
                         .enumerate()
-                        .map(|(i, k)| (base + i, IntentionOp::Delete(k))),
+                        .map(|(i, k)| (base + i, IntentionOp::Delete(k.clone()))),
                 );
                 let existing: HashMap<PairKey, LegacyIntention> = listed
                     .into_iter()
@@ -467,7 +468,7 @@ impl Reconciler {
                     orphan_keys
                         .iter()
                         .enumerate()
-                        .map(|(i, k)| (base + i, IntentionOp::Delete(k))),
+                        .map(|(i, k)| (base + i, IntentionOp::Delete(k.clone()))),
                 );
                 let existing: HashMap<ServiceKey, ServiceIntentionsEntry> = listed
                     .into_iter()
@@ -722,12 +723,12 @@ impl Reconciler {
         }
     }
 
-    async fn legacy_apply<'a>(
+    async fn legacy_apply(
         &self,
-        ops: Vec<(usize, IntentionOp<'a>)>,
+        ops: Vec<(usize, IntentionOp)>,
         listed: Option<HashMap<PairKey, LegacyIntention>>,
     ) -> Vec<(usize, CommandReport)> {
-        let mut groups: BTreeMap<PairKey, Vec<(usize, IntentionOp<'a>)>> = BTreeMap::new();
+        let mut groups: BTreeMap<PairKey, Vec<(usize, IntentionOp)>> = BTreeMap::new();
         for (i, op) in ops {
             groups.entry(pair_key(op.key())).or_default().push((i, op));
         }
@@ -795,12 +796,12 @@ impl Reconciler {
     /// what now holds the pair (for the next op on the same pair in this batch).
     async fn legacy_execute(
         &self,
-        op: IntentionOp<'_>,
+        op: IntentionOp,
         mut existing: Option<LegacyIntention>,
     ) -> (CommandReport, Option<LegacyIntention>) {
         let target = op.target();
         for _ in 0..3 {
-            match (op, &existing) {
+            match (&op, &existing) {
                 (IntentionOp::Upsert(intention), current) => {
                     let action = match &intention.rule {
                         IntentionRule::L4(action) => *action,
@@ -936,12 +937,12 @@ impl Reconciler {
         }
     }
 
-    async fn modern_apply<'a>(
+    async fn modern_apply(
         &self,
-        ops: Vec<(usize, IntentionOp<'a>)>,
+        ops: Vec<(usize, IntentionOp)>,
         mut listed: Option<HashMap<ServiceKey, ServiceIntentionsEntry>>,
     ) -> Vec<(usize, CommandReport)> {
-        let mut groups: BTreeMap<ServiceKey, Vec<(usize, IntentionOp<'a>)>> = BTreeMap::new();
+        let mut groups: BTreeMap<ServiceKey, Vec<(usize, IntentionOp)>> = BTreeMap::new();
         for (i, op) in ops {
             groups
                 .entry(service_key(&op.key().destination))
@@ -964,9 +965,9 @@ impl Reconciler {
     }
 
     /// Read-modify-write of one destination's entry for all ops on it.
-    fn modern_group<'a, 'o: 'a>(
+    fn modern_group<'a>(
         &'a self,
-        ops: Vec<(usize, IntentionOp<'o>)>,
+        ops: Vec<(usize, IntentionOp)>,
         mut current: Option<Option<ServiceIntentionsEntry>>,
     ) -> BoxedReports<'a> {
         Box::pin(async move {
@@ -1019,7 +1020,7 @@ impl Reconciler {
                     // One invalid source must not sink the others: retry each op alone.
                     Err(ConsulError::Validation { .. }) if ops.len() > 1 => {
                         let mut out = Vec::with_capacity(ops.len());
-                        for op in ops.iter().copied() {
+                        for op in ops.iter().cloned() {
                             out.extend(self.modern_group(vec![op], None).await);
                         }
                         return out;
@@ -1059,7 +1060,7 @@ impl Reconciler {
         &self,
         destination: &ServiceName,
         entry: Option<&ServiceIntentionsEntry>,
-        ops: &[(usize, IntentionOp<'_>)],
+        ops: &[(usize, IntentionOp)],
     ) -> (Option<EntryWrite>, Vec<(usize, CommandReport)>) {
         let cas = entry.map(|e| e.modify_index).unwrap_or(0);
         let mut work = entry.cloned().unwrap_or_else(|| {
@@ -1150,7 +1151,8 @@ impl Reconciler {
     }
 }
 
-type BoxedReports<'a> = std::pin::Pin<Box<dyn Future<Output = Vec<(usize, CommandReport)>> + Send + 'a>>;
+type BoxedReports<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Vec<(usize, CommandReport)>> + Send + 'a>>;
 
 enum EntryWrite {
     Put(ServiceIntentionsEntry, u64),

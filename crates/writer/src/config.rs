@@ -1,0 +1,69 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use consul_smi_consul::{ConsulConfig, parse_duration};
+
+/// The writer's settings; every flag has an environment fallback so the CLI's
+/// `consul-smi writer` and a container spec can configure it the same way.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WriterConfig {
+    /// gRPC listen address (the CLI binds it; `serve` takes the bound listener).
+    #[arg(
+        long = "listen",
+        env = "CONSUL_SMI_WRITER_LISTEN",
+        default_value = "127.0.0.1:50052"
+    )]
+    pub listen: SocketAddr,
+
+    /// Identity stamped on everything this writer creates; writers with different ids
+    /// never touch each other's objects.
+    #[arg(
+        long = "writer-id",
+        env = "CONSUL_SMI_WRITER_ID",
+        default_value = "consul-smi"
+    )]
+    pub writer_id: String,
+
+    /// Objects written to Consul at once.
+    #[arg(
+        long = "write-concurrency",
+        env = "CONSUL_SMI_WRITER_CONCURRENCY",
+        default_value_t = 16
+    )]
+    pub write_concurrency: usize,
+
+    /// Watch Consul and restore owned objects changed or deleted behind the writer's back.
+    #[arg(
+        long = "drift-repair",
+        env = "CONSUL_SMI_WRITER_DRIFT_REPAIR",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub drift_repair: bool,
+
+    /// Pause after a change is seen before reconciling, so a burst of writes costs one pass.
+    #[arg(long = "drift-debounce", env = "CONSUL_SMI_WRITER_DRIFT_DEBOUNCE", default_value = "200ms", value_parser = parse_duration)]
+    pub drift_debounce: Duration,
+
+    /// Longest wait of one blocking query on Consul.
+    #[arg(long = "drift-wait", env = "CONSUL_SMI_WRITER_DRIFT_WAIT", default_value = "5m", value_parser = parse_duration)]
+    pub drift_wait: Duration,
+
+    #[command(flatten)]
+    pub consul: ConsulConfig,
+}
+
+impl WriterConfig {
+    /// Defaults (no environment) for a Consul at `consul_address`; for tests and embedding.
+    pub fn for_consul(consul_address: impl Into<String>) -> Self {
+        WriterConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            writer_id: "consul-smi".into(),
+            write_concurrency: 16,
+            drift_repair: true,
+            drift_debounce: Duration::from_millis(200),
+            drift_wait: Duration::from_secs(300),
+            consul: ConsulConfig::for_address(consul_address),
+        }
+    }
+}

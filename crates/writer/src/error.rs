@@ -1,0 +1,10 @@
+use consul_smi_consul::ConsulError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error(transparent)]
+    Consul(#[from] ConsulError),
+
+    #[error("gRPC server failed: {0}")]
+    Server(#[from] tonic::transport::Error),
+}

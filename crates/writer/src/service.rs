@@ -1,0 +1,135 @@
+//! The `ConsulWriter` gRPC service over [`Writer`].
+
+use std::sync::Arc;
+
+use consul_smi_consul::{ConsulError, SyncReport};
+use consul_smi_core::{Command, DesiredState, Outcome};
+use consul_smi_grpc::v1;
+use consul_smi_telemetry::{TraceContext, add_link, set_parent};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::writer::Writer;
+
+/// Implements `consul_smi.v1.ConsulWriter`.
+#[derive(Clone, Debug)]
+pub struct WriterService {
+    writer: Arc<Writer>,
+}
+
+impl WriterService {
+    pub fn new(writer: Arc<Writer>) -> Self {
+        WriterService { writer }
+    }
+
+    pub fn into_server(self) -> v1::consul_writer_server::ConsulWriterServer<WriterService> {
+        v1::consul_writer_server::ConsulWriterServer::new(self)
+    }
+}
+
+fn trace_context(trace: Option<&v1::TraceContext>) -> Option<TraceContext> {
+    trace
+        .filter(|t| !t.traceparent.is_empty())
+        .map(|t| TraceContext {
+            traceparent: t.traceparent.clone(),
+            tracestate: t.tracestate.clone(),
+        })
+}
+
+fn result(id: String, outcome: Outcome, message: String) -> v1::CommandResult {
+    v1::CommandResult {
+        id,
+        outcome: v1::Outcome::from(outcome) as i32,
+        message,
+    }
+}
+
+fn status_of(error: ConsulError) -> Status {
+    match &error {
+        ConsulError::PermissionDenied { .. } => Status::permission_denied(error.to_string()),
+        ConsulError::Unavailable { .. } => Status::unavailable(error.to_string()),
+        ConsulError::Config(_) => Status::failed_precondition(error.to_string()),
+        _ => Status::internal(error.to_string()),
+    }
+}
+
+fn sync_response(report: SyncReport) -> v1::SyncResponse {
+    v1::SyncResponse {
+        results: report
+            .results
+            .into_iter()
+            .map(|r| result(format!("sync:{}", r.target), r.outcome, r.message))
+            .collect(),
+        created: report.created,
+        updated: report.updated,
+        deleted: report.deleted,
+        unchanged: report.unchanged,
+        conflicts: report.conflicts,
+    }
+}
+
+#[tonic::async_trait]
+impl v1::consul_writer_server::ConsulWriter for WriterService {
+    async fn apply(
+        &self,
+        request: Request<v1::ApplyRequest>,
+    ) -> Result<Response<v1::ApplyResponse>, Status> {
+        let request = request.into_inner();
+        let span = tracing::info_span!("writer.apply", commands = request.commands.len());
+        // A batch carries commands from several changes: link each originating trace.
+        for command in &request.commands {
+            if let Some(context) = trace_context(command.trace.as_ref()) {
+                add_link(&span, &context);
+            }
+        }
+        async move {
+            // Commands that do not decode are rejected alone; the rest of the batch proceeds.
+            let mut results: Vec<Option<v1::CommandResult>> = vec![None; request.commands.len()];
+            let mut decoded: Vec<(usize, Command)> = Vec::with_capacity(request.commands.len());
+            for (i, wire) in request.commands.iter().enumerate() {
+                match Command::try_from(wire) {
+                    Ok(command) => decoded.push((i, command)),
+                    Err(e) => {
+                        results[i] = Some(result(wire.id.clone(), Outcome::Rejected, e.to_string()))
+                    }
+                }
+            }
+            let commands: Vec<Command> = decoded.iter().map(|(_, c)| c.clone()).collect();
+            let reports = self.writer.apply(&commands).await;
+            for ((i, _), report) in decoded.iter().zip(reports) {
+                results[*i] = Some(result(
+                    request.commands[*i].id.clone(),
+                    report.outcome,
+                    report.message,
+                ));
+            }
+            let results = results
+                .into_iter()
+                .map(|r| r.expect("every command has a result"))
+                .collect();
+            Ok(Response::new(v1::ApplyResponse { results }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn sync(
+        &self,
+        request: Request<v1::SyncRequest>,
+    ) -> Result<Response<v1::SyncResponse>, Status> {
+        let request = request.into_inner();
+        let span = tracing::info_span!("writer.sync");
+        if let Some(context) = trace_context(request.trace.as_ref()) {
+            set_parent(&span, &context);
+        }
+        async move {
+            let wire = request.state.unwrap_or_default();
+            let state = DesiredState::try_from(&wire)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let report = self.writer.sync(state).await.map_err(status_of)?;
+            Ok(Response::new(sync_response(report)))
+        }
+        .instrument(span)
+        .await
+    }
+}
