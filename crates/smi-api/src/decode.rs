@@ -316,18 +316,21 @@ pub fn decode_object(value: &Value) -> Result<SmiObject, DecodeError> {
 /// `kind: List` is expanded into its items. Each result names its 1-based document.
 pub fn decode_manifests(yaml: &str) -> Vec<Result<SmiObject, DecodeError>> {
     let mut results = Vec::new();
-    for (index, document) in split_documents(yaml).into_iter().enumerate() {
+    for (index, (first_line, document)) in split_documents(yaml).into_iter().enumerate() {
         let number = index + 1;
         let with_doc = |mut e: DecodeError| {
             e.document = Some(number);
             e
         };
-        let value: Value = match serde_saphyr::from_str(document) {
+        // Leading blank lines change nothing in YAML but make the parser's line numbers
+        // count from the top of the whole file.
+        let padded = format!("{}{document}", "\n".repeat(first_line));
+        let value: Value = match serde_saphyr::from_str(&padded) {
             Ok(v) => v,
             Err(e) => {
                 results.push(Err(with_doc(DecodeError::new(
                     DecodeErrorKind::Syntax,
-                    format!("invalid YAML: {e}"),
+                    format!("invalid YAML: {}", first_line_of(&e.to_string())),
                 ))));
                 continue;
             }
@@ -359,35 +362,42 @@ pub fn decode_manifests(yaml: &str) -> Vec<Result<SmiObject, DecodeError>> {
 /// Splits a YAML stream at `---` lines. YAML forbids a document marker at the start of a line
 /// inside any scalar, so a line-based split is exact; it lets one broken document fail alone.
 /// Blank and comment-only documents are dropped; the rest keep their position numbers.
-fn split_documents(yaml: &str) -> Vec<&str> {
+/// Returns each document with the 0-based line of the file it starts on.
+fn split_documents(yaml: &str) -> Vec<(usize, &str)> {
     let mut documents = Vec::new();
-    let mut start = 0;
+    let (mut start, mut start_line) = (0, 0);
     let mut offset = 0;
-    for line in yaml.split_inclusive('\n') {
+    for (line_number, line) in yaml.split_inclusive('\n').enumerate() {
         let bare = line.trim_end_matches(['\n', '\r']);
         let is_marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
         let is_end = bare == "..." || bare.starts_with("... ");
         if is_marker || is_end {
-            documents.push(&yaml[start..offset]);
+            documents.push((start_line, &yaml[start..offset]));
             // Content may follow the marker on the same line (`--- {a: 1}`).
-            start = if is_marker {
-                offset + 3
+            (start, start_line) = if is_marker {
+                (offset + 3, line_number)
             } else {
-                offset + line.len()
+                (offset + line.len(), line_number + 1)
             };
         }
         offset += line.len();
     }
-    documents.push(&yaml[start..]);
+    documents.push((start_line, &yaml[start..]));
     documents
         .into_iter()
-        .filter(|doc| {
+        .filter(|(_, doc)| {
             doc.lines().any(|l| {
                 let t = l.trim();
                 !t.is_empty() && !t.starts_with('#') && !t.starts_with('%')
             })
         })
         .collect()
+}
+
+/// The parser's one-line summary (it appends a source snippet on further lines).
+fn first_line_of(message: &str) -> &str {
+    let line = message.lines().next().unwrap_or(message);
+    line.strip_prefix("error: ").unwrap_or(line)
 }
 
 /// Encodes a hub object as the given version (`group/version`), e.g. to serve an old client.
@@ -521,7 +531,10 @@ mod tests {
     fn splits_documents_at_markers_only() {
         let docs =
             split_documents("a: 1\n---\nb: |\n  ---x\n---   \n# only a comment\n--- {c: 3}\n...\n");
-        assert_eq!(docs, vec!["a: 1\n", "\nb: |\n  ---x\n", " {c: 3}\n"]);
+        assert_eq!(
+            docs,
+            vec![(0, "a: 1\n"), (1, "\nb: |\n  ---x\n"), (6, " {c: 3}\n")]
+        );
         assert!(split_documents("").is_empty());
         assert!(split_documents("---\n---\n").is_empty());
     }

@@ -307,6 +307,10 @@ fn one_broken_document_does_not_hide_the_others() {
     let err = results[2].as_ref().unwrap_err();
     assert_eq!(err.error_kind, DecodeErrorKind::Syntax);
     assert_eq!(err.document, Some(3));
+    // Line numbers count from the top of the file, on one line.
+    let line = good.lines().count() + 3;
+    assert!(err.message.contains(&format!("line {line}")), "{err}");
+    assert!(!err.message.contains('\n'), "{err}");
 }
 
 #[test]
