@@ -23,6 +23,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 /// How long a component may take to come up before the harness gives up.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// etcd key prefix of the standalone apiextensions-apiserver (its `--etcd-prefix` default).
+pub const ETCD_PREFIX: &str = "/registry/apiextensions.kubernetes.io";
 
 /// A running etcd + apiextensions-apiserver pair.
 pub struct KubeApiServer {
@@ -208,6 +210,23 @@ impl KubeApiServer {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.apiserver = Some(child);
+        // After a restart the server answers before it has loaded the CRDs from etcd: their
+        // resources are 404 until then. "Up" means serving everything it served before.
+        for crd in crds.list(&ListParams::default()).await?.items {
+            let established = crd
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+            if established {
+                for version in crd.spec.versions.iter().filter(|v| v.served) {
+                    wait_servable(&self.client, &api_resource(&crd, &version.name)).await?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -239,14 +258,7 @@ impl KubeApiServer {
             let name = crd.metadata.name.clone().unwrap_or_default();
             wait_established(&api, &name).await?;
             for version in crd.spec.versions.iter().filter(|v| v.served) {
-                let resource = ApiResource {
-                    group: crd.spec.group.clone(),
-                    version: version.name.clone(),
-                    api_version: format!("{}/{}", crd.spec.group, version.name),
-                    kind: crd.spec.names.kind.clone(),
-                    plural: crd.spec.names.plural.clone(),
-                };
-                wait_servable(&self.client, &resource).await?;
+                wait_servable(&self.client, &api_resource(crd, &version.name)).await?;
             }
         }
         Ok(())
@@ -269,9 +281,30 @@ impl KubeApiServer {
         Ok(deleted)
     }
 
-    /// The etcd key of a namespaced custom resource.
+    /// The etcd key of a namespaced custom resource. The standalone apiextensions-apiserver
+    /// keeps everything under its own default prefix, `/registry/apiextensions.kubernetes.io`.
     pub fn etcd_key(group: &str, plural: &str, namespace: &str, name: &str) -> String {
-        format!("/registry/{group}/{plural}/{namespace}/{name}")
+        format!("{ETCD_PREFIX}/{group}/{plural}/{namespace}/{name}")
+    }
+
+    /// Every etcd key starting with `prefix` (for diagnostics and assertions).
+    pub fn etcd_keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut range_end = prefix.as_bytes().to_vec();
+        if let Some(last) = range_end.last_mut() {
+            *last += 1;
+        }
+        let body = format!(
+            r#"{{"key":"{}","range_end":"{}","keys_only":true}}"#,
+            base64(prefix.as_bytes()),
+            base64(&range_end)
+        );
+        let response = http_post(self.etcd_port, "/v3/kv/range", &body)?;
+        let mut keys = Vec::new();
+        for part in response.split("\"key\":\"").skip(1) {
+            let encoded = part.split('"').next().unwrap_or_default();
+            keys.push(String::from_utf8(base64_decode(encoded)?)?);
+        }
+        Ok(keys)
     }
 
     /// The API server's log so far (all runs), for assertion messages.
@@ -510,6 +543,16 @@ async fn wait_established(api: &Api<CustomResourceDefinition>, name: &str) -> Re
     }
 }
 
+fn api_resource(crd: &CustomResourceDefinition, version: &str) -> ApiResource {
+    ApiResource {
+        group: crd.spec.group.clone(),
+        version: version.to_string(),
+        api_version: format!("{}/{version}", crd.spec.group),
+        kind: crd.spec.names.kind.clone(),
+        plural: crd.spec.names.plural.clone(),
+    }
+}
+
 async fn wait_servable(client: &kube::Client, resource: &ApiResource) -> Result<()> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
     let deadline = Instant::now() + START_TIMEOUT;
@@ -518,7 +561,11 @@ async fn wait_servable(client: &kube::Client, resource: &ApiResource) -> Result<
             Ok(_) => return Ok(()),
             // 429 "storage is (re)initializing" and 404 until the new resource is routed.
             Err(kube::Error::Api(status)) if [404, 429, 503].contains(&status.code) => {}
-            Err(e) => return Err(e).with_context(|| format!("listing {}", resource.api_version)),
+            // Any other answer comes from the resource's own handler (e.g. a conversion
+            // webhook refusing to express an object in this version): it is served.
+            Err(kube::Error::Api(_)) => return Ok(()),
+            // Connection-level errors: the server is still coming up.
+            Err(_) => {}
         }
         if Instant::now() > deadline {
             bail!(
@@ -590,6 +637,26 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
+fn base64_decode(text: &str) -> Result<Vec<u8>> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut bits, mut n) = (0u32, 0u32);
+    for c in text.bytes().filter(|&c| c != b'=') {
+        let v = ALPHABET
+            .iter()
+            .position(|&a| a == c)
+            .context("invalid base64")? as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -602,6 +669,7 @@ mod tests {
             ("foob", "Zm9vYg=="),
         ] {
             assert_eq!(super::base64(input.as_bytes()), expected);
+            assert_eq!(super::base64_decode(expected).unwrap(), input.as_bytes());
         }
     }
 }
