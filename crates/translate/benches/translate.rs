@@ -113,6 +113,27 @@ fn mesh(targets: usize) -> Vec<SmiObject> {
     objects
 }
 
+/// Time this thread has spent on a CPU (Linux `schedstat`), so figures can be told apart from
+/// waiting for a CPU on a machine shared with other work. `None` elsewhere.
+fn on_cpu() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(nanos))
+}
+
+/// Wall and on-CPU time of `f`.
+fn timed<T>(f: impl FnOnce() -> T) -> (Duration, Duration) {
+    let cpu_start = on_cpu();
+    let start = Instant::now();
+    black_box(f());
+    let wall = start.elapsed();
+    let cpu = match (cpu_start, on_cpu()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => wall,
+    };
+    (wall, cpu)
+}
+
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
@@ -121,32 +142,29 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 /// Plain figures, measured with `Instant` so they can be quoted without criterion's output.
 fn print_plain_figures() {
     let options = options();
-    for (targets, runs) in [(1_000, 9), (10_000, 7), (100_000, 3)] {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for (targets, runs) in [(1_000, 15), (10_000, 9), (100_000, 3)] {
         let objects = mesh(targets);
-        let full = median(
-            (0..runs)
-                .map(|_| {
-                    let start = Instant::now();
-                    black_box(translate(black_box(&objects), &options));
-                    start.elapsed()
-                })
-                .collect(),
-        );
-        let index = median(
-            (0..runs)
-                .map(|_| {
-                    let objects = objects.clone();
-                    let start = Instant::now();
+        let (full_wall, full_cpu): (Vec<_>, Vec<_>) = (0..runs)
+            .map(|_| timed(|| translate(black_box(&objects), &options)))
+            .unzip();
+        let (index_wall, index_cpu): (Vec<_>, Vec<_>) = (0..runs)
+            .map(|_| {
+                let objects = objects.clone();
+                timed(|| {
                     let mut index = Index::new(options.clone());
-                    black_box(index.reset(objects));
-                    start.elapsed()
+                    index.reset(objects);
+                    index
                 })
-                .collect(),
-        );
+            })
+            .unzip();
         eprintln!(
-            "plain: full build {targets:>6} TrafficTargets: translate() {:>9.2} ms, Index::reset() {:>9.2} ms (median of {runs})",
-            full.as_secs_f64() * 1e3,
-            index.as_secs_f64() * 1e3,
+            "plain: full build {targets:>6} TrafficTargets: translate() {:>8.2} ms (on-CPU {:>8.2} ms), \
+             Index::reset() {:>8.2} ms (on-CPU {:>8.2} ms); medians of {runs}",
+            ms(median(full_wall)),
+            ms(median(full_cpu)),
+            ms(median(index_wall)),
+            ms(median(index_cpu)),
         );
     }
 
@@ -174,7 +192,13 @@ fn print_plain_figures() {
 }
 
 fn benches(c: &mut Criterion) {
-    if std::env::args().any(|a| a == "--bench") {
+    // Not when profiling (`--profile-time`) or asked not to (SKIP_PLAIN_FIGURES=1, to run one
+    // criterion benchmark quickly).
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--bench")
+        && !args.iter().any(|a| a == "--profile-time")
+        && std::env::var_os("SKIP_PLAIN_FIGURES").is_none()
+    {
         print_plain_figures();
     }
     let options = options();

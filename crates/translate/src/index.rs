@@ -10,7 +10,7 @@ use consul_smi_core::{
 
 use crate::diagnostic::{Diagnostic, ObjectStatus};
 use crate::diff::diff;
-use crate::plan::{self, SplitPlan, TargetPlan};
+use crate::plan::{self, SplitPlan, TargetField, TargetPlan};
 use crate::resolve::{self, DestinationOutput, Routes, SplitOutput};
 use crate::{NamespaceMode, TranslateOptions};
 
@@ -153,7 +153,7 @@ pub struct Index {
     splitter_http: HashMap<ServiceName, Vec<ServiceName>>,
     http_reasons: HashMap<ServiceName, HashSet<HttpReason>>,
     /// OSS only: ServiceAccount name → namespace → (TrafficTarget, field) references.
-    identity_refs: HashMap<String, BTreeMap<String, BTreeSet<(ObjectRef, String)>>>,
+    identity_refs: HashMap<String, BTreeMap<String, BTreeSet<(ObjectRef, TargetField)>>>,
     diagnostics: BTreeMap<ObjectRef, ObjectDiagnostics>,
     desired: DesiredState,
 }
@@ -335,18 +335,19 @@ impl Index {
                 }
                 if self.oss() {
                     for identity in target_plan.identities() {
-                        self.touch_name(&identity.name, touched);
-                        let Some(by_namespace) = self.identity_refs.get_mut(&identity.name) else {
+                        self.touch_name(&identity.service.name, touched);
+                        let Some(by_namespace) = self.identity_refs.get_mut(&identity.service.name)
+                        else {
                             continue;
                         };
                         if let Some(refs) = by_namespace.get_mut(&identity.namespace) {
-                            refs.remove(&(object_ref.clone(), identity.field.clone()));
+                            refs.remove(&(object_ref.clone(), identity.field));
                             if refs.is_empty() {
                                 by_namespace.remove(&identity.namespace);
                             }
                         }
                         if by_namespace.is_empty() {
-                            self.identity_refs.remove(&identity.name);
+                            self.identity_refs.remove(&identity.service.name);
                         }
                     }
                 }
@@ -396,13 +397,13 @@ impl Index {
                 }
                 if self.oss() {
                     for identity in target_plan.identities() {
-                        self.touch_name(&identity.name, touched);
+                        self.touch_name(&identity.service.name, touched);
                         self.identity_refs
-                            .entry(identity.name.clone())
+                            .entry(identity.service.name.clone())
                             .or_default()
                             .entry(identity.namespace.clone())
                             .or_default()
-                            .insert((object_ref.clone(), identity.field.clone()));
+                            .insert((object_ref.clone(), identity.field));
                     }
                     touched.targets.insert(object_ref.clone());
                 }
@@ -607,7 +608,7 @@ impl Index {
                     for (object, field) in refs {
                         let diagnostic = resolve::collapse_diagnostic(
                             object,
-                            field,
+                            *field,
                             namespace,
                             name,
                             &namespaces,
@@ -626,10 +627,10 @@ impl Index {
                     let Some(target_plan) = self.targets.get(object) else {
                         continue;
                     };
-                    for identity in target_plan.identities().filter(|i| &i.name == name) {
+                    for identity in target_plan.identities().filter(|i| &i.service.name == name) {
                         let diagnostic = resolve::collapse_diagnostic(
                             object,
-                            &identity.field,
+                            identity.field,
                             &identity.namespace,
                             name,
                             &namespaces,

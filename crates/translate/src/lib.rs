@@ -25,6 +25,21 @@
 //!   the pair is still granted (SMI ports only narrow a grant the spec already makes) and a
 //!   warning says the port is not enforced.
 //!
+//! * Names: a ServiceAccount name that is empty or contains `*` is rejected with an error.
+//!   Consul reads `*` as "every service", SMI has no wildcards, and Kubernetes names cannot
+//!   contain `*`, so accepting it could only widen a grant to everyone.
+//! * Namespaces: a subject without `namespace` is in the TrafficTarget's namespace (spec).
+//!   See [`NamespaceMode`] for how namespaces reach Consul.
+//! * `service-defaults`: L7 intentions require the destination's protocol to be http, and a
+//!   splitter requires it for its service and every backend (Consul refuses discovery chains
+//!   with mixed protocols), so those services get a `protocol = "http"` entry. Only modern
+//!   Consul gets L7 intentions, so legacy targets only see them for splitters. The writer only
+//!   writes service-defaults consul-smi owns, so a user's own entry is never overwritten.
+//! * TrafficSplit → `service-splitter`, see the weight rules on the splitter functions; a split
+//!   with `matches` is withheld (a splitter would split every request, not just those routes).
+//! * Intention descriptions list the granting TrafficTargets (`namespace/name`, sorted),
+//!   truncated deterministically to Consul's 512-byte limit.
+//!
 //! Diagnostic severities follow one rule: [`Severity::Error`] means the object (or part of it)
 //! produced *less* than it asks for; [`Severity::Warning`] means it was translated but Consul
 //! enforces something *broader or merged*.
@@ -44,6 +59,7 @@ pub use diagnostic::{Diagnostic, ObjectStatus, Severity, Status, codes};
 pub use diff::{apply_commands, diff};
 pub use index::Index;
 
+use consul_smi_api::SmiKind;
 use consul_smi_core::{
     Action, Intention, IntentionKey, IntentionRule, ServiceDefaults, ServiceName,
 };
@@ -121,7 +137,7 @@ impl TranslateOptions {
 }
 
 /// Kubernetes namespace → (TrafficTarget, field) references to one ServiceAccount name.
-type ReferencesByNamespace<'a> = BTreeMap<&'a str, Vec<(&'a ObjectRef, &'a str)>>;
+type ReferencesByNamespace<'a> = BTreeMap<&'a str, Vec<(&'a ObjectRef, plan::TargetField)>>;
 
 /// The result of a full, non-incremental translation.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -136,16 +152,19 @@ pub struct Translation {
 /// If `objects` holds two objects with the same [`ObjectRef`], the later one wins (as an
 /// update would). Apart from that the result does not depend on the order of `objects`.
 pub fn translate(objects: &[SmiObject], options: &TranslateOptions) -> Translation {
-    let mut latest: HashMap<ObjectRef, &SmiObject> = HashMap::new();
+    let mut latest: HashMap<(SmiKind, &str, &str), &SmiObject> =
+        HashMap::with_capacity(objects.len());
     for object in objects {
-        latest.insert(object.object_ref(), object);
+        let meta = object.meta();
+        latest.insert((object.kind(), &meta.namespace, &meta.name), object);
     }
 
     let mut diagnostics: Vec<Diagnostic> = Vec::new();
     let mut routes = resolve::Routes::default();
     let mut targets: BTreeMap<ObjectRef, plan::TargetPlan> = BTreeMap::new();
     let mut splits: BTreeMap<ObjectRef, plan::SplitPlan> = BTreeMap::new();
-    for (object_ref, object) in &latest {
+    for object in latest.into_values() {
+        let object_ref = object.object_ref();
         match object {
             SmiObject::TrafficTarget(target) => {
                 let target_plan = plan::plan_target(target, options);
@@ -217,11 +236,11 @@ pub fn translate(objects: &[SmiObject], options: &TranslateOptions) -> Translati
         for (object_ref, target_plan) in &targets {
             for identity in target_plan.identities() {
                 references
-                    .entry(identity.name.as_str())
+                    .entry(identity.service.name.as_str())
                     .or_default()
                     .entry(identity.namespace.as_str())
                     .or_default()
-                    .push((object_ref, identity.field.as_str()));
+                    .push((object_ref, identity.field));
             }
         }
         for (name, by_namespace) in references {
@@ -233,7 +252,7 @@ pub fn translate(objects: &[SmiObject], options: &TranslateOptions) -> Translati
                 for (object_ref, field) in refs {
                     diagnostics.push(resolve::collapse_diagnostic(
                         object_ref,
-                        field,
+                        *field,
                         namespace,
                         name,
                         &namespaces,

@@ -17,15 +17,47 @@ use consul_smi_core::{
 use crate::TranslateOptions;
 use crate::diagnostic::{Diagnostic, codes};
 
+/// Where in a TrafficTarget something is, rendered only when a diagnostic needs the text
+/// (building strings for every field of every object would dominate a full build).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct TargetField {
+    /// access v1alpha1 had no `spec` and called rules `specs`.
+    pub v1alpha1: bool,
+    pub part: TargetPart,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum TargetPart {
+    Destination,
+    Source(usize),
+    Sources,
+    Rule(usize),
+    Rules,
+}
+
+impl TargetField {
+    /// The field path followed by `suffix`, e.g. `spec.rules[0]` + `.name`.
+    pub fn path(self, suffix: &str) -> String {
+        let root = if self.v1alpha1 { "" } else { "spec." };
+        let rules = if self.v1alpha1 { "specs" } else { "rules" };
+        match self.part {
+            TargetPart::Destination => format!("{root}destination{suffix}"),
+            TargetPart::Source(i) => format!("{root}sources[{i}]{suffix}"),
+            TargetPart::Sources => format!("{root}sources{suffix}"),
+            TargetPart::Rule(i) => format!("{root}{rules}[{i}]{suffix}"),
+            TargetPart::Rules => format!("{root}{rules}{suffix}"),
+        }
+    }
+}
+
 /// A ServiceAccount reference that passed validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Identity {
     pub service: ServiceName,
-    /// Kubernetes namespace and name, for the OSS collapse check.
+    /// Kubernetes namespace, for the OSS collapse check (the name is `service.name`).
     pub namespace: String,
-    pub name: String,
-    /// Field path of the reference's `name`, for diagnostics.
-    pub field: String,
+    /// The subject (destination or source) it came from; diagnostics name its `.name`.
+    pub field: TargetField,
 }
 
 /// A TCPRoute or HTTPRouteGroup rule; UDPRoute rules never grant and are dropped here.
@@ -33,8 +65,7 @@ pub(crate) struct Identity {
 pub(crate) struct RulePlan {
     pub route: ObjectRef,
     pub matches: Option<Vec<String>>,
-    /// Field path of the rule, e.g. `spec.rules[1]`.
-    pub field: String,
+    pub field: TargetField,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,33 +83,27 @@ impl TargetPlan {
     }
 }
 
-/// access v1alpha1 had no `spec` and called rules `specs`.
-fn target_fields(meta: &Meta) -> (&'static str, &'static str) {
-    if meta.api_version.ends_with("/v1alpha1") {
-        ("", "specs")
-    } else {
-        ("spec.", "rules")
-    }
-}
-
 /// Kubernetes names never contain `*`; Consul reads `*` as "every service", which SMI has no
 /// notion of, so such a name would silently widen a grant to everyone.
 fn invalid_name(name: &str) -> bool {
     name.is_empty() || name.contains('*')
 }
 
+fn object_ref(kind: SmiKind, meta: &Meta) -> ObjectRef {
+    ObjectRef::new(kind, meta.namespace.clone(), meta.name.clone())
+}
+
 fn plan_subject(
-    object: &ObjectRef,
+    meta: &Meta,
     subject: &Subject,
-    field: &str,
-    default_namespace: &str,
+    field: TargetField,
     options: &TranslateOptions,
     local: &mut Vec<Diagnostic>,
 ) -> Option<Identity> {
     if subject.kind != "ServiceAccount" {
         local.push(Diagnostic::error(
-            object,
-            format!("{field}.kind"),
+            &object_ref(SmiKind::TrafficTarget, meta),
+            field.path(".kind"),
             codes::UNSUPPORTED_SUBJECT_KIND,
             format!(
                 "subject kind {:?} is not supported (only ServiceAccount maps to a Consul \
@@ -90,8 +115,8 @@ fn plan_subject(
     }
     if invalid_name(&subject.name) {
         local.push(Diagnostic::error(
-            object,
-            format!("{field}.name"),
+            &object_ref(SmiKind::TrafficTarget, meta),
+            field.path(".name"),
             codes::INVALID_SUBJECT_NAME,
             format!(
                 "ServiceAccount name {:?} is not a Kubernetes name (SMI has no wildcards; Consul \
@@ -102,38 +127,31 @@ fn plan_subject(
         return None;
     }
     // SMI: a subject without namespace means the TrafficTarget's own namespace.
-    let namespace = subject.namespace.as_deref().unwrap_or(default_namespace);
+    let namespace = subject.namespace.as_deref().unwrap_or(&meta.namespace);
     Some(Identity {
         service: options.consul_service(namespace, &subject.name),
         namespace: namespace.to_string(),
-        name: subject.name.clone(),
-        field: format!("{field}.name"),
+        field,
     })
 }
 
 pub(crate) fn plan_target(target: &TrafficTarget, options: &TranslateOptions) -> TargetPlan {
-    let object = ObjectRef::new(
-        SmiKind::TrafficTarget,
-        target.meta.namespace.clone(),
-        target.meta.name.clone(),
-    );
-    let (root, rules_field) = target_fields(&target.meta);
-    let namespace = target.meta.namespace.as_str();
+    let meta = &target.meta;
+    let v1alpha1 = meta.api_version.ends_with("/v1alpha1");
+    let field = |part| TargetField { v1alpha1, part };
     let mut local = Vec::new();
 
-    let destination_field = format!("{root}destination");
     let destination = plan_subject(
-        &object,
+        meta,
         &target.destination,
-        &destination_field,
-        namespace,
+        field(TargetPart::Destination),
         options,
         &mut local,
     );
     if let Some(port) = target.destination_port {
         local.push(Diagnostic::warning(
-            &object,
-            format!("{destination_field}.port"),
+            &object_ref(SmiKind::TrafficTarget, meta),
+            field(TargetPart::Destination).path(".port"),
             codes::PORT_NOT_ENFORCED,
             format!(
                 "Consul intentions have no ports: access is granted on every port, not only {port}"
@@ -141,31 +159,33 @@ pub(crate) fn plan_target(target: &TrafficTarget, options: &TranslateOptions) ->
         ));
     }
 
-    let mut sources = Vec::new();
+    let mut sources = Vec::with_capacity(target.sources.len());
     for (i, subject) in target.sources.iter().enumerate() {
-        let field = format!("{root}sources[{i}]");
-        if let Some(identity) =
-            plan_subject(&object, subject, &field, namespace, options, &mut local)
-        {
+        if let Some(identity) = plan_subject(
+            meta,
+            subject,
+            field(TargetPart::Source(i)),
+            options,
+            &mut local,
+        ) {
             sources.push(identity);
         }
     }
     if target.sources.is_empty() {
         local.push(Diagnostic::error(
-            &object,
-            format!("{root}sources"),
+            &object_ref(SmiKind::TrafficTarget, meta),
+            field(TargetPart::Sources).path(""),
             codes::NO_SOURCES,
             "no sources: a TrafficTarget must list at least one source, so it grants nothing",
         ));
     }
 
-    let mut rules = Vec::new();
+    let mut rules = Vec::with_capacity(target.rules.len());
     for (i, rule) in target.rules.iter().enumerate() {
-        let field = format!("{root}{rules_field}[{i}]");
         match rule.kind {
             RuleKind::UDPRoute => local.push(Diagnostic::error(
-                &object,
-                format!("{field}.kind"),
+                &object_ref(SmiKind::TrafficTarget, meta),
+                field(TargetPart::Rule(i)).path(".kind"),
                 codes::UDP_UNENFORCEABLE,
                 format!(
                     "UDPRoute {:?} cannot be enforced: Consul Connect has no UDP, so this rule \
@@ -174,16 +194,20 @@ pub(crate) fn plan_target(target: &TrafficTarget, options: &TranslateOptions) ->
                 ),
             )),
             RuleKind::TCPRoute | RuleKind::HTTPRouteGroup => rules.push(RulePlan {
-                route: ObjectRef::new(rule.kind.as_smi_kind(), namespace, rule.name.clone()),
+                route: ObjectRef::new(
+                    rule.kind.as_smi_kind(),
+                    meta.namespace.clone(),
+                    rule.name.clone(),
+                ),
                 matches: rule.matches.clone(),
-                field,
+                field: field(TargetPart::Rule(i)),
             }),
         }
     }
     if target.rules.is_empty() {
         local.push(Diagnostic::error(
-            &object,
-            format!("{root}{rules_field}"),
+            &object_ref(SmiKind::TrafficTarget, meta),
+            field(TargetPart::Rules).path(""),
             codes::NO_RULES,
             "no rules: a TrafficTarget must list at least one rule, so it grants nothing",
         ));
@@ -496,4 +520,31 @@ pub(crate) fn split_percentages(weights: &[u64]) -> Option<Vec<u32>> {
         shares[i] += 1;
     }
     Some(shares)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_percentages;
+
+    #[test]
+    fn every_two_decimal_percentage_survives_f32_and_consuls_rounding() {
+        // Consul scales each f32 weight by 100 and rounds; the sum must be exactly 10000.
+        for hundredths in 0u32..=10_000 {
+            let weight = hundredths as f32 / 100.0;
+            assert_eq!((f64::from(weight) * 100.0).round() as u32, hundredths);
+        }
+    }
+
+    #[test]
+    fn largest_remainder_shares_sum_to_10000() {
+        assert_eq!(split_percentages(&[0, 0]), None);
+        assert_eq!(split_percentages(&[]), None);
+        assert_eq!(split_percentages(&[1, 1, 1]), Some(vec![3334, 3333, 3333]));
+        assert_eq!(split_percentages(&[u64::MAX, 1]), Some(vec![10_000, 0]));
+        for n in 1..40u64 {
+            let weights: Vec<u64> = (1..=n).collect();
+            let shares = split_percentages(&weights).unwrap();
+            assert_eq!(shares.iter().sum::<u32>(), 10_000);
+        }
+    }
 }

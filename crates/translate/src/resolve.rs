@@ -5,13 +5,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use consul_smi_api::ObjectRef;
+use consul_smi_api::{ObjectRef, SmiKind};
 use consul_smi_core::{
     Action, Intention, IntentionKey, IntentionRule, Permission, ServiceName, ServiceSplitter,
 };
 
 use crate::diagnostic::{Diagnostic, codes};
-use crate::plan::{HttpRoutePlan, SplitPlan, TargetPlan};
+use crate::plan::{HttpRoutePlan, RulePlan, SplitPlan, TargetField, TargetPlan};
 use crate::{ConsulApi, TranslateOptions};
 
 /// The routes rules can name, keyed by [`ObjectRef`] (kind, namespace, name).
@@ -22,23 +22,24 @@ pub(crate) struct Routes {
 }
 
 /// What one rule grants once its route is resolved.
-enum Grant {
+enum Grant<'a> {
     /// TCPRoute: all traffic.
     All,
-    /// HTTPRouteGroup: these permissions (never empty).
-    Http(Vec<Permission>),
+    /// HTTPRouteGroup: these permissions (never empty), borrowed from the route's plan so
+    /// they are cloned once per intention rather than once per source and rule.
+    Http(Vec<&'a Permission>),
 }
 
-fn resolve_rule(
+fn resolve_rule<'a>(
     object: &ObjectRef,
-    rule: &crate::plan::RulePlan,
-    routes: &Routes,
+    rule: &RulePlan,
+    routes: &'a Routes,
     diagnostics: &mut Vec<Diagnostic>,
-) -> Option<Grant> {
+) -> Option<Grant<'a>> {
     let not_found = |diagnostics: &mut Vec<Diagnostic>| {
         diagnostics.push(Diagnostic::error(
             object,
-            format!("{}.name", rule.field),
+            rule.field.path(".name"),
             codes::ROUTE_NOT_FOUND,
             format!(
                 "{} {}/{} does not exist; this rule grants nothing until it does",
@@ -46,7 +47,7 @@ fn resolve_rule(
             ),
         ));
     };
-    if rule.route.kind == consul_smi_api::SmiKind::TCPRoute {
+    if rule.route.kind == SmiKind::TCPRoute {
         if routes.tcp.contains(&rule.route) {
             return Some(Grant::All);
         }
@@ -65,7 +66,7 @@ fn resolve_rule(
             if group.matches.is_empty() {
                 diagnostics.push(Diagnostic::error(
                     object,
-                    format!("{}.name", rule.field),
+                    rule.field.path(".name"),
                     codes::ROUTE_HAS_NO_MATCHES,
                     format!(
                         "HTTPRouteGroup {}/{} has no matches, so this rule grants nothing",
@@ -73,7 +74,7 @@ fn resolve_rule(
                     ),
                 ));
             }
-            permissions.extend(group.matches.iter().filter_map(|(_, p)| p.clone()));
+            permissions.extend(group.matches.iter().filter_map(|(_, p)| p.as_ref()));
         }
         Some(names) => {
             for (j, name) in names.iter().enumerate() {
@@ -81,13 +82,13 @@ fn resolve_rule(
                 for (match_name, permission) in &group.matches {
                     if match_name == name {
                         found = true;
-                        permissions.extend(permission.clone());
+                        permissions.extend(permission.as_ref());
                     }
                 }
                 if !found {
                     diagnostics.push(Diagnostic::error(
                         object,
-                        format!("{}.matches[{j}]", rule.field),
+                        rule.field.path(&format!(".matches[{j}]")),
                         codes::MATCH_NOT_FOUND,
                         format!(
                             "HTTPRouteGroup {}/{} has no match named {name:?}; it grants nothing",
@@ -108,10 +109,10 @@ fn resolve_rule(
 #[derive(Default)]
 struct PairGrant<'a> {
     all: bool,
-    permissions: BTreeSet<Permission>,
+    permissions: BTreeSet<&'a Permission>,
     grantors: BTreeSet<&'a ObjectRef>,
-    /// (TrafficTarget, rule field) of every HTTP rule that contributed.
-    http_rules: Vec<(&'a ObjectRef, &'a str)>,
+    /// (TrafficTarget, rule) of every HTTP rule that contributed.
+    http_rules: Vec<(&'a ObjectRef, TargetField)>,
 }
 
 #[derive(Debug, Default)]
@@ -133,18 +134,18 @@ pub(crate) struct DestinationOutput {
 pub(crate) fn resolve_destination<'a>(
     destination: &ServiceName,
     group: impl IntoIterator<Item = (&'a ObjectRef, &'a TargetPlan)>,
-    routes: &Routes,
+    routes: &'a Routes,
     options: &TranslateOptions,
 ) -> DestinationOutput {
     let mut diagnostics = Vec::new();
     let mut pairs: BTreeMap<&'a ServiceName, PairGrant<'a>> = BTreeMap::new();
     for (object, plan) in group {
-        let grants: Vec<(&'a str, Grant)> = plan
+        let grants: Vec<(TargetField, Grant<'a>)> = plan
             .rules
             .iter()
             .filter_map(|rule| {
                 resolve_rule(object, rule, routes, &mut diagnostics)
-                    .map(|grant| (rule.field.as_str(), grant))
+                    .map(|grant| (rule.field, grant))
             })
             .collect();
         if grants.is_empty() {
@@ -157,8 +158,8 @@ pub(crate) fn resolve_destination<'a>(
                 match grant {
                     Grant::All => pair.all = true,
                     Grant::Http(permissions) => {
-                        pair.permissions.extend(permissions.iter().cloned());
-                        pair.http_rules.push((object, field));
+                        pair.permissions.extend(permissions.iter().copied());
+                        pair.http_rules.push((object, *field));
                     }
                 }
             }
@@ -166,8 +167,8 @@ pub(crate) fn resolve_destination<'a>(
     }
 
     let mut output = DestinationOutput::default();
-    let mut withheld: BTreeSet<(&ObjectRef, &str)> = BTreeSet::new();
-    let mut widened: BTreeSet<(&ObjectRef, &str)> = BTreeSet::new();
+    let mut withheld: BTreeSet<(&ObjectRef, TargetField)> = BTreeSet::new();
+    let mut widened: BTreeSet<(&ObjectRef, TargetField)> = BTreeSet::new();
     for (source, pair) in pairs {
         let rule = if pair.all {
             IntentionRule::L4(Action::Allow)
@@ -175,7 +176,7 @@ pub(crate) fn resolve_destination<'a>(
             match options.target {
                 ConsulApi::Modern => {
                     output.needs_http = true;
-                    IntentionRule::L7(pair.permissions.into_iter().collect())
+                    IntentionRule::L7(pair.permissions.into_iter().cloned().collect())
                 }
                 ConsulApi::Legacy if options.widen_l7_on_legacy => {
                     widened.extend(pair.http_rules.iter().copied());
@@ -199,7 +200,7 @@ pub(crate) fn resolve_destination<'a>(
     for (object, field) in withheld {
         diagnostics.push(Diagnostic::error(
             object,
-            field,
+            field.path(""),
             codes::L7_WITHHELD_ON_LEGACY,
             format!(
                 "Consul before 1.9 has no L7 intentions: this HTTPRouteGroup grant to {destination} \
@@ -210,7 +211,7 @@ pub(crate) fn resolve_destination<'a>(
     for (object, field) in widened {
         diagnostics.push(Diagnostic::warning(
             object,
-            field,
+            field.path(""),
             codes::L7_WIDENED_ON_LEGACY,
             format!(
                 "Consul before 1.9 has no L7 intentions: this HTTPRouteGroup grant to {destination} \
@@ -229,34 +230,36 @@ pub(crate) const DESCRIPTION_LIMIT: usize = 512;
 /// Provenance of an intention: the granting TrafficTargets in (namespace, name) order. When
 /// they do not fit into Consul's 512 bytes, the longest prefix of the list that fits is kept
 /// and the rest is counted, so the text depends only on the set of grantors.
-pub(crate) fn describe<'a>(grantors: impl Iterator<Item = &'a ObjectRef>) -> String {
-    let names: Vec<String> = grantors
-        .map(|g| format!("{}/{}", g.namespace, g.name))
-        .collect();
-    let head = if names.len() == 1 {
+pub(crate) fn describe<'a>(grantors: impl ExactSizeIterator<Item = &'a ObjectRef>) -> String {
+    let total = grantors.len();
+    let head = if total == 1 {
         "consul-smi: TrafficTarget "
     } else {
         "consul-smi: TrafficTargets "
     };
-    let mut description = String::from(head);
+    let mut description = String::with_capacity(64);
+    description.push_str(head);
     let mut used = 0;
-    for (i, name) in names.iter().enumerate() {
+    for (i, grantor) in grantors.enumerate() {
         let separator = if i == 0 { "" } else { ", " };
-        let remaining_after = names.len() - i - 1;
+        let remaining_after = total - i - 1;
         let suffix_len = if remaining_after == 0 {
             0
         } else {
             more_suffix(remaining_after).len()
         };
-        if description.len() + separator.len() + name.len() + suffix_len > DESCRIPTION_LIMIT {
+        let name_len = grantor.namespace.len() + 1 + grantor.name.len();
+        if description.len() + separator.len() + name_len + suffix_len > DESCRIPTION_LIMIT {
             break;
         }
         description.push_str(separator);
-        description.push_str(name);
+        description.push_str(&grantor.namespace);
+        description.push('/');
+        description.push_str(&grantor.name);
         used += 1;
     }
-    if used < names.len() {
-        let suffix = more_suffix(names.len() - used);
+    if used < total {
+        let suffix = more_suffix(total - used);
         description.push_str(if used == 0 { &suffix[2..] } else { &suffix });
     }
     // Only reachable if a single name is longer than the limit (Kubernetes names are ≤ 253
@@ -335,7 +338,7 @@ pub(crate) fn splitter_services(splitter: &ServiceSplitter) -> Vec<ServiceName> 
 /// different identities, so every reference is flagged.
 pub(crate) fn collapse_diagnostic(
     object: &ObjectRef,
-    field: &str,
+    field: TargetField,
     namespace: &str,
     name: &str,
     namespaces: &BTreeSet<&str>,
@@ -347,7 +350,7 @@ pub(crate) fn collapse_diagnostic(
         .collect();
     Diagnostic::warning(
         object,
-        field,
+        field.path(".name"),
         codes::NAMESPACE_COLLAPSE,
         format!(
             "ServiceAccount {namespace}/{name} and ServiceAccounts named {name:?} in namespace(s) \
