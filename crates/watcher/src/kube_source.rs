@@ -110,7 +110,7 @@ struct KindMessage {
 
 enum KindUpdate {
     Listed(Vec<Observed>),
-    Apply(Observed),
+    Apply(Box<Observed>),
     Delete(ObjectRef),
 }
 
@@ -230,7 +230,7 @@ impl Supervisor {
                 watch.synced = true;
                 self.shared.replace(Scope::Kind(message.kind), objects);
             }
-            KindUpdate::Apply(observed) => self.shared.upsert(observed),
+            KindUpdate::Apply(observed) => self.shared.upsert(*observed),
             KindUpdate::Delete(object) => self.shared.delete(&object),
         }
     }
@@ -264,7 +264,7 @@ async fn watch_kind(
             }
             Ok(watcher::Event::InitDone) => KindUpdate::Listed(std::mem::take(&mut listing)),
             Ok(watcher::Event::Apply(object)) => {
-                KindUpdate::Apply(observe(kind, &resource, object))
+                KindUpdate::Apply(Box::new(observe(kind, &resource, object)))
             }
             Ok(watcher::Event::Delete(object)) => KindUpdate::Delete(object_ref(kind, &object)),
             Err(e) => {
