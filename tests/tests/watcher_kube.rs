@@ -145,6 +145,8 @@ impl Drop for Watcher {
 enum Held {
     Valid(SmiObject),
     Invalid(String),
+    /// The current version is invalid; the last valid one still stands.
+    Broken(SmiObject, String),
 }
 
 struct Subscriber {
@@ -253,8 +255,13 @@ impl Subscriber {
                         );
                     }
                     WatchChange::Invalid { object, reason, .. } => {
-                        self.state
-                            .insert(object.clone(), Held::Invalid(reason.clone()));
+                        let held = match self.state.remove(object) {
+                            Some(Held::Valid(o) | Held::Broken(o, _)) => {
+                                Held::Broken(o, reason.clone())
+                            }
+                            _ => Held::Invalid(reason.clone()),
+                        };
+                        self.state.insert(object.clone(), held);
                     }
                     _ => unreachable!(),
                 }
@@ -831,6 +838,33 @@ async fn invalid_objects_are_reported_and_the_stream_continues() {
         s.valid(SmiKind::HTTPRouteGroup, "dup").is_some()
     })
     .await;
+
+    // Breaking a valid object reports it and keeps its last valid version, for current
+    // subscribers and in the snapshot of new ones alike.
+    merge_patch(
+        &client,
+        json!({
+            "apiVersion": "specs.smi-spec.io/v1alpha4", "kind": "HTTPRouteGroup", "metadata": meta("dup"),
+            "spec": {"matches": [{"name": "same", "pathRegex": "/a"}, {"name": "same", "pathRegex": "/c"}]}
+        }),
+    )
+    .await;
+    let dup = ObjectRef::new(SmiKind::HTTPRouteGroup, "default", "dup");
+    sub.wait_until("the broken edit is reported", |s| {
+        matches!(s.state.get(&dup), Some(Held::Broken(..)))
+    })
+    .await;
+    let mut newcomer = watcher.subscribe("newcomer").await;
+    newcomer.read_snapshot().await;
+    match newcomer.state.get(&dup) {
+        Some(Held::Broken(SmiObject::HttpRouteGroup(last_valid), reason)) => {
+            let names: Vec<&str> = last_valid.matches.iter().map(|m| m.name.as_str()).collect();
+            assert_eq!(names, ["metrics", "other"], "the last valid version");
+            assert!(reason.contains("duplicate"), "{reason}");
+        }
+        other => panic!("expected the last valid version plus the diagnostic, got {other:?}"),
+    }
+    assert_eq!(newcomer.state.get(&dup), sub.state.get(&dup));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -415,7 +415,8 @@ pub enum WatchChange {
     SnapshotEnd,
     Applied(hub::SmiObject),
     Deleted(hub::ObjectRef),
-    /// The object exists but cannot be used; replaces whatever was held for it.
+    /// The object's current version cannot be used. The last `Applied` version of it (if any)
+    /// still stands: a snapshot carries it as `Applied` followed by this `Invalid`.
     Invalid {
         object: hub::ObjectRef,
         api_version: String,

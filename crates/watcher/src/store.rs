@@ -15,14 +15,23 @@ use consul_smi_api::{ObjectRef, SmiKind, SmiObject};
 pub type TraceContext = consul_smi_telemetry::TraceContext;
 
 /// What the watcher knows about one object.
+///
+/// An object that turns invalid keeps its last valid version: subscribers keep enforcing it
+/// (a broken edit must not revoke access already in effect), and a snapshot must show a new
+/// subscriber the same thing, so it carries both the last valid version and the diagnostic.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Entry {
-    Valid(Arc<SmiObject>),
-    /// Present in the source but not decodable or convertible into the hub.
-    Invalid {
-        api_version: String,
-        reason: String,
-    },
+pub struct Entry {
+    /// The last version that decoded, if any.
+    pub valid: Option<Arc<SmiObject>>,
+    /// Set while the current version cannot be decoded or converted.
+    pub invalid: Option<Invalidity>,
+}
+
+/// Why the current version of an object cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalidity {
+    pub api_version: String,
+    pub reason: String,
 }
 
 /// One object as a source observed it.
@@ -43,23 +52,6 @@ impl Observed {
             Observed::Invalid { object, .. } => object.clone(),
         }
     }
-
-    fn into_entry(self) -> (ObjectRef, Entry) {
-        match self {
-            Observed::Valid(o) => (o.object_ref(), Entry::Valid(Arc::new(o))),
-            Observed::Invalid {
-                object,
-                api_version,
-                reason,
-            } => (
-                object,
-                Entry::Invalid {
-                    api_version,
-                    reason,
-                },
-            ),
-        }
-    }
 }
 
 /// A change as subscribers see it.
@@ -67,6 +59,7 @@ impl Observed {
 pub enum Change {
     Applied(Arc<SmiObject>),
     Deleted(ObjectRef),
+    /// The current version is unusable; the last `Applied` version (if any) still stands.
     Invalid {
         object: ObjectRef,
         api_version: String,
@@ -83,17 +76,11 @@ impl Change {
         }
     }
 
-    fn from_entry(object: ObjectRef, entry: &Entry) -> Change {
-        match entry {
-            Entry::Valid(o) => Change::Applied(o.clone()),
-            Entry::Invalid {
-                api_version,
-                reason,
-            } => Change::Invalid {
-                object,
-                api_version: api_version.clone(),
-                reason: reason.clone(),
-            },
+    fn invalid(object: ObjectRef, invalidity: &Invalidity) -> Change {
+        Change::Invalid {
+            object,
+            api_version: invalidity.api_version.clone(),
+            reason: invalidity.reason.clone(),
         }
     }
 }
@@ -132,10 +119,14 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The snapshot as changes: per object its last valid version (Applied), then its
+    /// diagnostic (Invalid) when the current version is unusable.
     pub fn changes(&self) -> impl Iterator<Item = Change> + '_ {
-        self.entries
-            .iter()
-            .map(|(r, e)| Change::from_entry(r.clone(), e))
+        self.entries.iter().flat_map(|(r, e)| {
+            let applied = e.valid.clone().map(Change::Applied);
+            let invalid = e.invalid.as_ref().map(|i| Change::invalid(r.clone(), i));
+            applied.into_iter().chain(invalid)
+        })
     }
 }
 
@@ -190,11 +181,40 @@ impl Store {
         observed: Observed,
         trace: Option<TraceContext>,
     ) -> Option<Arc<Delta>> {
-        let (object, entry) = observed.into_entry();
-        if self.objects.get(&object) == Some(&entry) {
+        let object = observed.object_ref();
+        let previous = self.objects.get(&object);
+        let (entry, change) = match observed {
+            Observed::Valid(o) => {
+                let o = Arc::new(o);
+                let entry = Entry {
+                    valid: Some(o.clone()),
+                    invalid: None,
+                };
+                (entry, Change::Applied(o))
+            }
+            Observed::Invalid {
+                object: _,
+                api_version,
+                reason,
+            } => {
+                let invalidity = Invalidity {
+                    api_version,
+                    reason,
+                };
+                let change = Change::invalid(object.clone(), &invalidity);
+                let valid = previous.and_then(|p| p.valid.clone());
+                (
+                    Entry {
+                        valid,
+                        invalid: Some(invalidity),
+                    },
+                    change,
+                )
+            }
+        };
+        if previous == Some(&entry) {
             return None;
         }
-        let change = Change::from_entry(object.clone(), &entry);
         self.objects.insert(object, entry);
         Some(self.record(change, trace))
     }
@@ -219,11 +239,11 @@ impl Store {
         observed: Vec<Observed>,
         trace: Option<TraceContext>,
     ) -> Vec<Arc<Delta>> {
-        let mut listed: BTreeMap<ObjectRef, Entry> = BTreeMap::new();
+        let mut listed: BTreeMap<ObjectRef, Observed> = BTreeMap::new();
         for o in observed {
-            let (object, entry) = o.into_entry();
+            let object = o.object_ref();
             if scope.covers(&object) {
-                listed.insert(object, entry);
+                listed.insert(object, o);
             }
         }
         let gone: Vec<ObjectRef> = self
@@ -236,18 +256,7 @@ impl Store {
         for object in gone {
             deltas.extend(self.delete(&object, trace.clone()));
         }
-        for (object, entry) in listed {
-            let observed = match entry {
-                Entry::Valid(o) => Observed::Valid(Arc::unwrap_or_clone(o)),
-                Entry::Invalid {
-                    api_version,
-                    reason,
-                } => Observed::Invalid {
-                    object,
-                    api_version,
-                    reason,
-                },
-            };
+        for (_, observed) in listed {
             deltas.extend(self.upsert(observed, trace.clone()));
         }
         deltas
@@ -445,21 +454,64 @@ mod tests {
     #[test]
     fn invalid_objects_are_entries_and_turn_valid_again() {
         let mut store = Store::new(100);
-        let broken = Observed::Invalid {
+        let broken = |reason: &str| Observed::Invalid {
             object: tcp_ref("a"),
             api_version: "specs.smi-spec.io/v1alpha4".into(),
-            reason: "spec.matches.ports[0]: invalid".into(),
+            reason: reason.into(),
         };
-        let d = store.upsert(broken.clone(), None).unwrap();
+        let d = store.upsert(broken("bad port"), None).unwrap();
         assert!(matches!(&d.change, Change::Invalid { object, .. } if *object == tcp_ref("a")));
-        assert!(store.upsert(broken, None).is_none());
-        let snapshot = store.snapshot();
-        assert!(matches!(
-            snapshot.changes().next(),
-            Some(Change::Invalid { .. })
-        ));
+        assert!(
+            store.upsert(broken("bad port"), None).is_none(),
+            "same diagnostic again"
+        );
+        assert!(
+            store.upsert(broken("other problem"), None).is_some(),
+            "new diagnostic"
+        );
+        let snapshot: Vec<Change> = store.snapshot().changes().collect();
+        assert!(
+            matches!(snapshot[..], [Change::Invalid { .. }]),
+            "{snapshot:?}"
+        );
         let d = store.upsert(valid(route("a", "2")), None).unwrap();
         assert!(matches!(d.change, Change::Applied(_)));
+        assert_eq!(store.get(&tcp_ref("a")).unwrap().invalid, None);
+    }
+
+    #[test]
+    fn a_broken_edit_keeps_the_last_valid_version_in_snapshots() {
+        let mut store = Store::new(100);
+        store.upsert(valid(route("a", "1")), None);
+        let d = store
+            .upsert(
+                Observed::Invalid {
+                    object: tcp_ref("a"),
+                    api_version: "specs.smi-spec.io/v1alpha4".into(),
+                    reason: "spec.matches.ports[0]: out of range".into(),
+                },
+                None,
+            )
+            .unwrap();
+        assert!(matches!(d.change, Change::Invalid { .. }));
+        let snapshot: Vec<Change> = store.snapshot().changes().collect();
+        assert_eq!(snapshot.len(), 2, "{snapshot:?}");
+        assert_eq!(snapshot[0], Change::Applied(Arc::new(route("a", "1"))));
+        assert!(matches!(&snapshot[1], Change::Invalid { reason, .. } if reason.contains("ports")));
+        // A re-list that still sees the broken version changes nothing.
+        let relisted = store.replace(
+            Scope::Kind(SmiKind::TCPRoute),
+            vec![Observed::Invalid {
+                object: tcp_ref("a"),
+                api_version: "specs.smi-spec.io/v1alpha4".into(),
+                reason: "spec.matches.ports[0]: out of range".into(),
+            }],
+            None,
+        );
+        assert!(relisted.is_empty());
+        // Deleting drops both.
+        store.delete(&tcp_ref("a"), None).unwrap();
+        assert_eq!(store.snapshot().changes().count(), 0);
     }
 
     #[test]
