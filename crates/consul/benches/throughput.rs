@@ -6,13 +6,20 @@
 
 use std::time::{Duration, Instant};
 
-use consul_smi_consul::{ConsulClient, ConsulConfig, Owner, Reconciler, SyncMode, install_crypto_provider};
-use consul_smi_core::{Action, Command, DesiredState, Intention, IntentionKey, IntentionRule, Outcome, ServiceName};
+use consul_smi_consul::{
+    ConsulClient, ConsulConfig, Owner, Reconciler, SyncMode, install_crypto_provider,
+};
+use consul_smi_core::{
+    Action, Command, DesiredState, Intention, IntentionKey, IntentionRule, Outcome, ServiceName,
+};
 use consul_smi_e2e::consul::{ConsulAgent, ConsulAgentOptions};
 
 fn intention(i: usize, destination: &str) -> Intention {
     Intention {
-        key: IntentionKey { source: ServiceName::new(format!("src-{i}")), destination: ServiceName::new(destination) },
+        key: IntentionKey {
+            source: ServiceName::new(format!("src-{i}")),
+            destination: ServiceName::new(destination),
+        },
         rule: IntentionRule::L4(Action::Allow),
         description: format!("bench {i}"),
     }
@@ -24,8 +31,14 @@ fn rate(n: usize, elapsed: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::var("CONSUL_SMI_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let concurrency: usize = std::env::var("CONSUL_SMI_BENCH_CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let n: usize = std::env::var("CONSUL_SMI_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let concurrency: usize = std::env::var("CONSUL_SMI_BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
     let mut agent = ConsulAgent::start(ConsulAgentOptions::default()).expect("Consul must start");
     install_crypto_provider();
 
@@ -34,9 +47,15 @@ async fn main() {
     let url = format!("{}/v1/connect/intentions", agent.url());
     let start = Instant::now();
     for i in 0..n {
-        let body = format!(r#"{{"SourceName":"src-{i}","DestinationName":"raw","Action":"allow","Description":"bench {i}"}}"#);
+        let body = format!(
+            r#"{{"SourceName":"src-{i}","DestinationName":"raw","Action":"allow","Description":"bench {i}"}}"#
+        );
         let response = http.post(&url).body(body).send().await.expect("raw POST");
-        assert!(response.status().is_success(), "raw POST {i}: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "raw POST {i}: {}",
+            response.status()
+        );
         response.bytes().await.unwrap();
     }
     let raw = start.elapsed();
@@ -47,12 +66,22 @@ async fn main() {
     let mut config = ConsulConfig::for_address(agent.http_addr());
     config.max_concurrency = concurrency;
     config.rate_limit = 0.0;
-    let reconciler = Reconciler::new(ConsulClient::new(&config).unwrap(), Owner::new("bench").unwrap(), concurrency);
-    let commands: Vec<Command> = (0..n).map(|i| Command::UpsertIntention(intention(i, "writer"))).collect();
+    let reconciler = Reconciler::new(
+        ConsulClient::new(&config).unwrap(),
+        Owner::new("bench").unwrap(),
+        concurrency,
+    );
+    let commands: Vec<Command> = (0..n)
+        .map(|i| Command::UpsertIntention(intention(i, "writer")))
+        .collect();
     let start = Instant::now();
     for batch in commands.chunks(1000) {
         let reports = reconciler.apply(batch).await;
-        assert!(reports.iter().all(|r| r.outcome == Outcome::Applied), "{:?}", reports.iter().find(|r| r.outcome != Outcome::Applied));
+        assert!(
+            reports.iter().all(|r| r.outcome == Outcome::Applied),
+            "{:?}",
+            reports.iter().find(|r| r.outcome != Outcome::Applied)
+        );
     }
     let apply = start.elapsed();
 
@@ -72,9 +101,28 @@ async fn main() {
     let resync = start.elapsed();
     assert_eq!(report.unchanged as usize, n);
 
-    println!("consul-smi writer throughput, {n} intention upserts, Consul 1.8.7 dev agent (in-memory raft), concurrency {concurrency}");
-    println!("  raw sequential HTTP loop : {:>8.0} writes/s  ({:.2?})", rate(n, raw), raw);
-    println!("  writer Apply (batches 1k): {:>8.0} writes/s  ({:.2?})  {:.0}% of raw", rate(n, apply), apply, 100.0 * raw.as_secs_f64() / apply.as_secs_f64());
-    println!("  writer Sync (one state)  : {:>8.0} writes/s  ({:.2?})  {:.0}% of raw", rate(n, sync), sync, 100.0 * raw.as_secs_f64() / sync.as_secs_f64());
-    println!("  writer re-Sync, no change: {:.2?} for {n} objects", resync);
+    println!(
+        "consul-smi writer throughput, {n} intention upserts, Consul 1.8.7 dev agent (in-memory raft), concurrency {concurrency}"
+    );
+    println!(
+        "  raw sequential HTTP loop : {:>8.0} writes/s  ({:.2?})",
+        rate(n, raw),
+        raw
+    );
+    println!(
+        "  writer Apply (batches 1k): {:>8.0} writes/s  ({:.2?})  {:.0}% of raw",
+        rate(n, apply),
+        apply,
+        100.0 * raw.as_secs_f64() / apply.as_secs_f64()
+    );
+    println!(
+        "  writer Sync (one state)  : {:>8.0} writes/s  ({:.2?})  {:.0}% of raw",
+        rate(n, sync),
+        sync,
+        100.0 * raw.as_secs_f64() / sync.as_secs_f64()
+    );
+    println!(
+        "  writer re-Sync, no change: {:.2?} for {n} objects",
+        resync
+    );
 }

@@ -67,3 +67,55 @@ impl WriterConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        writer: WriterConfig,
+    }
+
+    #[test]
+    fn flags_parse_like_the_cli_will_embed_them() {
+        let cli = Cli::try_parse_from([
+            "consul-smi-writer",
+            "--listen",
+            "0.0.0.0:9000",
+            "--writer-id",
+            "cluster-a",
+            "--drift-repair",
+            "false",
+            "--drift-debounce",
+            "50ms",
+            "--consul-http-addr",
+            "https://consul:8501",
+            "--consul-http-token",
+            "secret",
+            "--consul-datacenter",
+            "dc2",
+        ])
+        .unwrap();
+        let config = cli.writer;
+        assert_eq!(config.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(config.writer_id, "cluster-a");
+        assert!(!config.drift_repair);
+        assert_eq!(config.drift_debounce, Duration::from_millis(50));
+        assert_eq!(config.consul.base_url().unwrap(), "https://consul:8501");
+        assert_eq!(
+            config.consul.resolve_token().unwrap().as_deref(),
+            Some("secret")
+        );
+        assert_eq!(config.consul.datacenter.as_deref(), Some("dc2"));
+    }
+
+    #[test]
+    fn a_client_cert_needs_its_key() {
+        let result = Cli::try_parse_from(["w", "--consul-client-cert", "/tmp/cert.pem"]);
+        assert!(result.is_err());
+    }
+}

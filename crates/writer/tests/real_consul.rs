@@ -358,7 +358,7 @@ async fn consul_restart_mid_batch_loses_nothing() {
     let mut agent = ConsulAgent::start(ConsulAgentOptions::default()).expect("Consul must start");
     let mut writer = RunningWriter::start(&agent, None).await;
     let mut state = DesiredState::default();
-    for i in 0..400 {
+    for i in 0..1000 {
         let x = allow(&format!("s{i}"), "api");
         state.intentions.insert(x.key.clone(), x);
     }
@@ -375,8 +375,8 @@ async fn consul_restart_mid_batch_loses_nothing() {
             .as_ref()
             .map(|r| (r.get_ref().created, r.get_ref().results.len()))
     );
-    eventually("all 400 intentions are back", || {
-        intentions(&agent).len() == 400
+    eventually("all 1000 intentions are back", || {
+        intentions(&agent).len() == 1000
     })
     .await;
     let list = intentions(&agent);

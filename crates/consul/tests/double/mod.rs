@@ -28,6 +28,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
 type Entries = BTreeMap<(String, String), Value>;
+type Race = Box<dyn FnOnce(&mut Value) + Send>;
 
 #[derive(Default)]
 struct Inner {
@@ -37,7 +38,7 @@ struct Inner {
     writes: u64,
     transient_failures: u32,
     /// Applied to the stored entry right before the next CAS write is checked.
-    race: Option<Box<dyn FnOnce(&mut Value) + Send>>,
+    race: Option<Race>,
     required_token: Option<String>,
 }
 
@@ -149,11 +150,10 @@ async fn handle(
 ) -> Response {
     {
         let mut inner = double.lock();
-        if let Some(token) = &inner.required_token {
-            if headers.get("X-Consul-Token").and_then(|v| v.to_str().ok()) != Some(token.as_str()) {
+        if let Some(token) = &inner.required_token
+            && headers.get("X-Consul-Token").and_then(|v| v.to_str().ok()) != Some(token.as_str()) {
                 return text(StatusCode::FORBIDDEN, "Permission denied");
             }
-        }
         if inner.transient_failures > 0 && uri.path() != "/v1/agent/self" {
             inner.transient_failures -= 1;
             return text(StatusCode::INTERNAL_SERVER_ERROR, "No cluster leader");
@@ -317,17 +317,16 @@ fn put(double: &ModernConsul, params: &BTreeMap<String, String>, body: &[u8]) ->
     if name.is_empty() {
         return validation("Name is required");
     }
-    if let Some(meta) = object.get("Meta").and_then(Value::as_object) {
-        if meta.len() > 64
+    if let Some(meta) = object.get("Meta").and_then(Value::as_object)
+        && (meta.len() > 64
             || meta
                 .iter()
-                .any(|(k, v)| k.len() > 128 || v.as_str().is_none_or(|v| v.len() > 512))
+                .any(|(k, v)| k.len() > 128 || v.as_str().is_none_or(|v| v.len() > 512)))
         {
             return validation(
                 "Meta exceeds Consul's limits (64 keys, 128-byte keys, 512-byte values)",
             );
         }
-    }
     let mut inner = double.lock();
     if kind == "service-intentions" {
         if let Err(message) = validate_intentions(&inner.entries, &name, &entry) {
@@ -344,14 +343,13 @@ fn put(double: &ModernConsul, params: &BTreeMap<String, String>, body: &[u8]) ->
         }
     }
     let key = (kind.clone(), name.clone());
-    if let Some(race) = inner.race.take() {
-        if let Some(stored) = inner.entries.get_mut(&key) {
+    if let Some(race) = inner.race.take()
+        && let Some(stored) = inner.entries.get_mut(&key) {
             race(stored);
             inner.index += 1;
             let index = inner.index;
             inner.entries.get_mut(&key).unwrap()["ModifyIndex"] = json!(index);
         }
-    }
     let current = inner
         .entries
         .get(&key)
@@ -394,11 +392,10 @@ fn delete(
         .entries
         .get(&key)
         .map(|e| e["ModifyIndex"].as_u64().unwrap_or(0));
-    if let Some(cas) = cas {
-        if current.is_some_and(|index| index != cas) {
+    if let Some(cas) = cas
+        && current.is_some_and(|index| index != cas) {
             return axum::Json(json!({"Deleted": false})).into_response();
         }
-    }
     if inner.entries.remove(&key).is_some() {
         inner.index += 1;
         inner.writes += 1;
