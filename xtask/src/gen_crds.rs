@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use consul_smi_api::crd::{GENERATED_DIRS, generated_files};
 
 #[derive(clap::Args)]
@@ -60,9 +60,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("stale generated file (no longer generated): {path}");
         }
         if problems > 0 {
-            bail!(
-                "{problems} generated file(s) out of date: run `cargo xtask gen-crds` and commit the result"
+            // A plain message and exit code: an error return would append a backtrace to the
+            // diff when RUST_BACKTRACE is set (as in CI).
+            eprintln!(
+                "gen-crds --check: {problems} generated file(s) out of date: run `cargo xtask gen-crds` and commit the result"
             );
+            std::process::exit(1);
         }
         println!("gen-crds: {} files up to date", files.len());
         return Ok(());
