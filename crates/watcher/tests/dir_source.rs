@@ -211,6 +211,7 @@ async fn dir_source_streams_snapshot_and_file_changes() {
         "more.yaml",
         "apiVersion: specs.smi-spec.io/v1alpha4\nkind: UDPRoute\nmetadata: {name: dns}\nspec: {matches: {ports: [53]}}\n",
     );
+    let resumed_endpoint = endpoint.clone();
     let resumed = consul_smi_watcher::subscribe(endpoint, epoch, at, "dir-resume")
         .await
         .unwrap();
@@ -226,6 +227,30 @@ async fn dir_source_streams_snapshot_and_file_changes() {
         "{first:?}"
     );
     assert_eq!(first.revision, at + 1);
+
+    // grpc.health.v1 reports SERVING once the initial state is complete (the readiness probe
+    // of deploy/base uses the server-wide "" service).
+    let channel = tonic::transport::Channel::from_shared(resumed_endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "consul_smi.v1.SmiWatch"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "health of {service:?}"
+        );
+    }
 
     let _ = stop.send(());
     tokio::time::timeout(TIMEOUT, server)
