@@ -4,5 +4,6 @@
 //! loudly instead of skipping.
 
 pub mod consul;
+pub mod env;
 pub mod kube;
 pub mod services;

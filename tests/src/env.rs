@@ -1,0 +1,372 @@
+//! The harness-agnostic e2e environment: a kube client, a Consul endpoint, and a way to
+//! restart components. Two harnesses provide it:
+//! - local (CI): real etcd + API server, a real Consul dev agent and the three services as
+//!   processes, all started here;
+//! - external (kind): `CONSUL_SMI_E2E_KUBECONFIG` and `CONSUL_SMI_E2E_CONSUL_ADDR` point at a
+//!   cluster where consul-smi and Consul already run (`cargo xtask e2e-kind` sets them).
+//!
+//! The suite in `tests/tests/e2e.rs` only talks to this type, so one code path serves both.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use consul_smi_api::{CrdConversion, SmiKind, WebhookTarget};
+use consul_smi_consul::{Call, ConsulClient, ConsulConfig};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::core::ApiResource;
+
+use crate::consul::{ConsulAgent, ConsulAgentOptions};
+use crate::kube::KubeApiServer;
+use crate::services::{Pipeline, PipelineOptions, Service, Source, free_addr};
+
+/// What a case can restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Component {
+    Service(Service),
+    Consul,
+    ApiServer,
+}
+
+/// One intention as Consul reports it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IntentionRow {
+    pub source: String,
+    pub destination: String,
+    pub action: String,
+    pub owned: bool,
+}
+
+struct Local {
+    apiserver: KubeApiServer,
+    consul: ConsulAgent,
+    pipeline: Pipeline,
+}
+
+pub struct E2eEnv {
+    pub kube: kube::Client,
+    consul: ConsulClient,
+    local: Option<Local>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LocalOptions {
+    /// Extra translator flags, e.g. `--consul-api modern`.
+    pub translator_args: Vec<String>,
+    /// Extra environment for every service.
+    pub env: Vec<(String, String)>,
+}
+
+impl E2eEnv {
+    /// External when `CONSUL_SMI_E2E_KUBECONFIG` is set, else a fresh local environment.
+    pub async fn start() -> Result<E2eEnv> {
+        Self::start_with(LocalOptions::default()).await
+    }
+
+    pub async fn start_with(options: LocalOptions) -> Result<E2eEnv> {
+        consul_smi_consul::install_crypto_provider();
+        match std::env::var_os("CONSUL_SMI_E2E_KUBECONFIG") {
+            Some(kubeconfig) => Self::external(PathBuf::from(kubeconfig)).await,
+            None => Self::local(options).await,
+        }
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    async fn external(kubeconfig: PathBuf) -> Result<E2eEnv> {
+        let consul_addr = std::env::var("CONSUL_SMI_E2E_CONSUL_ADDR")
+            .context("CONSUL_SMI_E2E_CONSUL_ADDR must be set with CONSUL_SMI_E2E_KUBECONFIG")?;
+        let config = kube::config::Kubeconfig::read_from(&kubeconfig)
+            .with_context(|| format!("reading {}", kubeconfig.display()))?;
+        let config = kube::Config::from_custom_kubeconfig(config, &Default::default()).await?;
+        let kube = kube::Client::try_from(config)?;
+        let mut consul_config = ConsulConfig::for_address(consul_addr);
+        consul_config.token = std::env::var("CONSUL_SMI_E2E_CONSUL_TOKEN").ok();
+        Ok(E2eEnv {
+            kube,
+            consul: ConsulClient::new(&consul_config)?,
+            local: None,
+        })
+    }
+
+    async fn local(options: LocalOptions) -> Result<E2eEnv> {
+        let apiserver = KubeApiServer::start()
+            .await
+            .context("starting the local API server")?;
+        let consul =
+            ConsulAgent::start(ConsulAgentOptions::default()).context("starting Consul")?;
+        let webhook_addr = free_addr()?;
+        let cert = apiserver.issue_serving_cert("watcher-webhook")?;
+        let crds = consul_smi_api::crds(&CrdConversion::Webhook {
+            client_config: WebhookTarget::Url(format!("https://{webhook_addr}/convert")),
+            ca_bundle_pem: Some(cert.ca_pem.clone()),
+        });
+        apiserver
+            .install_crds(&crds)
+            .await
+            .context("installing the SMI CRDs")?;
+
+        let mut pipeline_options = PipelineOptions::new(
+            Source::Kube {
+                kubeconfig: apiserver.kubeconfig_path(),
+            },
+            consul.http_addr(),
+        );
+        pipeline_options.watcher_args = vec![
+            "--webhook-listen".into(),
+            webhook_addr.to_string(),
+            "--webhook-cert".into(),
+            cert.cert_path.display().to_string(),
+            "--webhook-key".into(),
+            cert.key_path.display().to_string(),
+        ];
+        pipeline_options.translator_args = options.translator_args;
+        pipeline_options.env = options.env;
+        let pipeline = Pipeline::start(pipeline_options)
+            .await
+            .context("starting the consul-smi services")?;
+        let kube = apiserver.client();
+        let consul_client = ConsulClient::new(&ConsulConfig::for_address(consul.http_addr()))?;
+        let env = E2eEnv {
+            kube,
+            consul: consul_client,
+            local: Some(Local {
+                apiserver,
+                consul,
+                pipeline,
+            }),
+        };
+        env.operator_default_deny().await?;
+        Ok(env)
+    }
+
+    /// Without ACLs a dev agent allows everything no intention denies, which would make
+    /// `/v1/connect/intentions/check` useless as an oracle. An operator-style `* -> *` deny
+    /// (not owned by consul-smi, as in a real cluster) makes only granted pairs allowed.
+    async fn operator_default_deny(&self) -> Result<()> {
+        self.create_foreign_intention("*", "*", "deny").await
+    }
+
+    pub fn pipeline(&self) -> Option<&Pipeline> {
+        self.local.as_ref().map(|l| &l.pipeline)
+    }
+
+    pub fn consul_agent(&self) -> Option<&ConsulAgent> {
+        self.local.as_ref().map(|l| &l.consul)
+    }
+
+    /// Applies every document of a multi-document SMI manifest (server-side apply).
+    pub async fn apply(&self, yaml: &str) -> Result<()> {
+        for document in split_documents(yaml)? {
+            let (api, name) = self.api_for(&document)?;
+            let params = PatchParams::apply("consul-smi-e2e").force();
+            let patch = Patch::Apply(&document);
+            retry_transient(|| api.patch(&name, &params, &patch))
+                .await
+                .with_context(|| format!("applying {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every object a manifest names.
+    pub async fn delete(&self, yaml: &str) -> Result<()> {
+        for document in split_documents(yaml)? {
+            let (api, name) = self.api_for(&document)?;
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(e).with_context(|| format!("deleting {name}")),
+            }
+        }
+        Ok(())
+    }
+
+    fn api_for(&self, document: &serde_json::Value) -> Result<(Api<DynamicObject>, String)> {
+        let api_version = document["apiVersion"]
+            .as_str()
+            .context("document without apiVersion")?;
+        let kind_name = document["kind"].as_str().context("document without kind")?;
+        let kind = SmiKind::from_kind(kind_name)
+            .with_context(|| format!("not an SMI kind: {kind_name}"))?;
+        let (group, version) = api_version
+            .split_once('/')
+            .context("apiVersion without group")?;
+        let resource = ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: api_version.into(),
+            kind: kind_name.into(),
+            plural: kind.plural().into(),
+        };
+        let namespace = document["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default");
+        let name = document["metadata"]["name"]
+            .as_str()
+            .context("document without metadata.name")?;
+        Ok((
+            Api::namespaced_with(self.kube.clone(), namespace, &resource),
+            name.to_string(),
+        ))
+    }
+
+    /// Consul's intentions.
+    pub async fn intentions(&self) -> Result<BTreeSet<IntentionRow>> {
+        let list: Vec<serde_json::Value> = self
+            .consul
+            .get_json(Call::new(
+                reqwest::Method::GET,
+                "/v1/connect/intentions",
+                "list intentions",
+            ))
+            .await?;
+        Ok(list
+            .iter()
+            .map(|i| IntentionRow {
+                source: i["SourceName"].as_str().unwrap_or_default().to_string(),
+                destination: i["DestinationName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                action: i["Action"].as_str().unwrap_or_default().to_string(),
+                owned: i["Meta"]
+                    .as_object()
+                    .is_some_and(|m| m.keys().any(|k| k.contains("consul-smi"))),
+            })
+            .collect())
+    }
+
+    /// Consul's own verdict for a connection source → destination.
+    pub async fn allowed(&self, source: &str, destination: &str) -> Result<bool> {
+        let call = Call::new(
+            reqwest::Method::GET,
+            "/v1/connect/intentions/check",
+            "check intention",
+        )
+        .query("source", source)
+        .query("destination", destination);
+        let verdict: serde_json::Value = self.consul.get_json(call).await?;
+        verdict["Allowed"]
+            .as_bool()
+            .context("check answer without Allowed")
+    }
+
+    /// A config entry, if present.
+    pub async fn config_entry(&self, kind: &str, name: &str) -> Result<Option<serde_json::Value>> {
+        let call = Call::new(
+            reqwest::Method::GET,
+            format!("/v1/config/{kind}/{name}"),
+            "read config entry",
+        );
+        match self.consul.get_json::<serde_json::Value>(call).await {
+            Ok(entry) => Ok(Some(entry)),
+            Err(error) if error.to_string().contains("404") => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Writes an intention the way an operator would (not owned by consul-smi).
+    pub async fn create_foreign_intention(
+        &self,
+        source: &str,
+        destination: &str,
+        action: &str,
+    ) -> Result<()> {
+        let body = serde_json::json!({"SourceName": source, "DestinationName": destination, "Action": action, "Description": "operator"});
+        let call = Call::new(
+            reqwest::Method::POST,
+            "/v1/connect/intentions",
+            "create foreign intention",
+        )
+        .json(&body)?;
+        self.consul.send(call).await?;
+        Ok(())
+    }
+
+    /// Kills and restarts a component. Local harness only; the kind harness restarts pods.
+    pub async fn restart(&mut self, component: Component) -> Result<()> {
+        let Some(local) = self.local.as_mut() else {
+            bail!(
+                "restarting {component:?} needs the local harness (kind: delete the pod instead)"
+            );
+        };
+        match component {
+            Component::Service(service) => local.pipeline.restart(service).await?,
+            Component::Consul => {
+                local.consul.restart()?;
+                self.operator_default_deny().await?;
+            }
+            Component::ApiServer => local.apiserver.restart().await?,
+        }
+        Ok(())
+    }
+
+    pub async fn kill(&mut self, service: Service) -> Result<()> {
+        match self.local.as_mut() {
+            Some(local) => local.pipeline.kill(service).await,
+            None => bail!("killing {service:?} needs the local harness"),
+        }
+    }
+
+    pub async fn start_service(&mut self, service: Service) -> Result<()> {
+        match self.local.as_mut() {
+            Some(local) => local.pipeline.start_service(service).await,
+            None => bail!("starting {service:?} needs the local harness"),
+        }
+    }
+}
+
+fn split_documents(yaml: &str) -> Result<Vec<serde_json::Value>> {
+    let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml)
+        .map_err(|e| anyhow::anyhow!("parsing test manifest: {e}"))?;
+    Ok(documents.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// Right after a CRD appears, or while the API server restarts, writes may fail briefly.
+async fn retry_transient<T, F, Fut>(mut operation: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match operation().await {
+            Err(error) if Instant::now() < deadline && is_transient(&error) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+fn is_transient(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => status.code == 429 || status.code >= 500,
+        _ => true,
+    }
+}
+
+/// Polls `check` until it returns `Ok(true)`; the error names what was awaited and the last
+/// observation.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => "condition false".to_string(),
+            Err(error) => format!("{error:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
