@@ -1,0 +1,343 @@
+//! Tools that need no cluster: `validate`, `plan`, and the `diagnostics` client.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use consul_smi_api::{ObjectRef, SmiKind, SmiObject};
+use consul_smi_core::{Command, DesiredState, IntentionRule, ServiceName};
+use consul_smi_grpc::v1;
+use consul_smi_translate::{ConsulApi, Severity, TranslateOptions, diff, translate};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ConsulApiArg {
+    Legacy,
+    Modern,
+}
+
+#[derive(clap::Args)]
+pub struct TranslateArgs {
+    /// Consul API to plan for: legacy (< 1.9, L4 only) or modern (1.9+, L7).
+    #[arg(
+        long,
+        env = "CONSUL_SMI_CONSUL_API",
+        value_enum,
+        default_value = "legacy"
+    )]
+    consul_api: ConsulApiArg,
+    /// On legacy Consul, widen L7-only grants to L4 allows.
+    #[arg(long, default_value_t = false)]
+    widen_l7_on_legacy: bool,
+    /// Manage a `* -> *` deny intention.
+    #[arg(long, default_value_t = false)]
+    default_deny: bool,
+}
+
+impl TranslateArgs {
+    fn options(&self) -> TranslateOptions {
+        TranslateOptions {
+            target: match self.consul_api {
+                ConsulApiArg::Legacy => ConsulApi::Legacy,
+                ConsulApiArg::Modern => ConsulApi::Modern,
+            },
+            widen_l7_on_legacy: self.widen_l7_on_legacy,
+            default_deny: self.default_deny,
+            ..TranslateOptions::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ValidateArgs {
+    /// Manifest files or directories (every *.yaml / *.yml inside, recursively).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    #[command(flatten)]
+    translate: TranslateArgs,
+}
+
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// Manifest files or directories describing the desired SMI objects.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Manifests of the current state (e.g. the main branch) to plan against; default: nothing.
+    #[arg(long = "from")]
+    from: Vec<PathBuf>,
+    #[command(flatten)]
+    translate: TranslateArgs,
+}
+
+#[derive(clap::Args)]
+pub struct DiagnosticsArgs {
+    /// smi-translator gRPC endpoint.
+    #[arg(
+        long,
+        env = "CONSUL_SMI_TRANSLATOR_ADDR",
+        default_value = "http://127.0.0.1:7402"
+    )]
+    translator: String,
+    /// Only this object, as Kind/namespace/name (e.g. TrafficTarget/default/api-clients).
+    object: Option<String>,
+}
+
+/// Every YAML file under `paths`, sorted, so output is stable.
+fn manifest_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    fn walk(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.is_dir() {
+            for entry in
+                std::fs::read_dir(path).with_context(|| format!("listing {}", path.display()))?
+            {
+                walk(&entry?.path(), out)?;
+            }
+        } else if meta.is_file()
+            && path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| e == "yaml" || e == "yml")
+        {
+            out.push(path.to_path_buf());
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for path in paths {
+        if std::fs::metadata(path)
+            .map(|m| m.is_file())
+            .unwrap_or(false)
+        {
+            files.push(path.clone());
+        } else {
+            walk(path, &mut files)?;
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Decodes every document; problems are returned as printable lines naming file and field.
+fn load(paths: &[PathBuf]) -> Result<(Vec<SmiObject>, Vec<String>)> {
+    let mut objects = Vec::new();
+    let mut problems = Vec::new();
+    for file in manifest_files(paths)? {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        for result in consul_smi_api::decode_manifests(&text) {
+            match result {
+                Ok(object) => objects.push(object),
+                Err(error) => problems.push(format!("{}: {error}", file.display())),
+            }
+        }
+    }
+    Ok((objects, problems))
+}
+
+/// Prints every object's status; returns whether there were no errors.
+pub fn validate(args: &ValidateArgs) -> Result<bool> {
+    let (objects, problems) = load(&args.paths)?;
+    for problem in &problems {
+        println!("error   {problem}");
+    }
+    let translation = translate(&objects, &args.translate.options());
+    let mut errors = problems.len();
+    let mut refs: Vec<ObjectRef> = objects.iter().map(SmiObject::object_ref).collect();
+    refs.sort();
+    refs.dedup();
+    for object in &refs {
+        let diagnostics: Vec<_> = translation
+            .diagnostics
+            .iter()
+            .filter(|d| &d.object == object)
+            .collect();
+        if diagnostics.is_empty() {
+            println!("ok      {object}");
+        }
+        for diagnostic in diagnostics {
+            let label = match diagnostic.severity {
+                Severity::Warning => "warning",
+                Severity::Error => {
+                    errors += 1;
+                    "error  "
+                }
+            };
+            println!(
+                "{label} {object} {}: {} ({})",
+                diagnostic.field, diagnostic.message, diagnostic.code
+            );
+        }
+    }
+    println!(
+        "{} object(s), {} intention(s), {} splitter(s), {errors} error(s)",
+        refs.len(),
+        translation.state.intentions.len(),
+        translation.state.splitters.len()
+    );
+    Ok(errors == 0)
+}
+
+pub async fn plan(args: &PlanArgs) -> Result<()> {
+    let options = args.translate.options();
+    let (objects, problems) = load(&args.paths)?;
+    if !problems.is_empty() {
+        for problem in &problems {
+            eprintln!("error   {problem}");
+        }
+        bail!(
+            "{} manifest document(s) could not be decoded",
+            problems.len()
+        );
+    }
+    let previous: DesiredState = if args.from.is_empty() {
+        DesiredState::default()
+    } else {
+        let (old_objects, _) = load(&args.from)?;
+        translate(&old_objects, &options).state
+    };
+    let next = translate(&objects, &options);
+    let commands = diff(&previous, &next.state);
+    if commands.is_empty() {
+        println!("No changes.");
+    }
+    for command in &commands {
+        println!("{}", describe(command, &previous));
+    }
+    for diagnostic in next
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+    {
+        println!("# not in effect: {diagnostic}");
+    }
+    Ok(())
+}
+
+fn rule_text(rule: &IntentionRule) -> String {
+    match rule {
+        IntentionRule::L4(action) => action.as_consul().to_string(),
+        IntentionRule::L7(permissions) => {
+            let parts: Vec<String> = permissions
+                .iter()
+                .map(|p| {
+                    let path = match &p.http.path {
+                        Some(consul_smi_core::PathMatch::Exact(x)) => format!("path={x}"),
+                        Some(consul_smi_core::PathMatch::Prefix(x)) => format!("prefix={x}"),
+                        Some(consul_smi_core::PathMatch::Regex(x)) => format!("regex={x}"),
+                        None => "any path".to_string(),
+                    };
+                    let methods = if p.http.methods.is_empty() {
+                        "any method".to_string()
+                    } else {
+                        p.http.methods.join(",")
+                    };
+                    format!("{} {path} {methods}", p.action.as_consul())
+                })
+                .collect();
+            format!("L7 [{}]", parts.join("; "))
+        }
+    }
+}
+
+fn describe(command: &Command, previous: &DesiredState) -> String {
+    match command {
+        Command::UpsertIntention(intention) => {
+            let sign = if previous.intentions.contains_key(&intention.key) {
+                "~"
+            } else {
+                "+"
+            };
+            format!(
+                "{sign} intention {}  {}",
+                intention.key,
+                rule_text(&intention.rule)
+            )
+        }
+        Command::DeleteIntention(key) => format!("- intention {key}"),
+        Command::UpsertSplitter(splitter) => {
+            let sign = if previous.splitters.contains_key(&splitter.service) {
+                "~"
+            } else {
+                "+"
+            };
+            let splits: Vec<String> = splitter
+                .splits
+                .iter()
+                .map(|s| format!("{}={}%", s.service, s.weight))
+                .collect();
+            format!(
+                "{sign} service-splitter {}  {}",
+                splitter.service,
+                splits.join(" ")
+            )
+        }
+        Command::DeleteSplitter(service) => format!("- service-splitter {service}"),
+        Command::UpsertServiceDefaults(defaults) => {
+            let sign = if previous.service_defaults.contains_key(&defaults.service) {
+                "~"
+            } else {
+                "+"
+            };
+            format!(
+                "{sign} service-defaults {}  protocol={}",
+                defaults.service, defaults.protocol
+            )
+        }
+        Command::DeleteServiceDefaults(service) => {
+            format!("- service-defaults {}", display_service(service))
+        }
+    }
+}
+
+fn display_service(service: &ServiceName) -> String {
+    service.to_string()
+}
+
+fn parse_object_ref(text: &str) -> Result<ObjectRef> {
+    let parts: Vec<&str> = text.split('/').collect();
+    let [kind, namespace, name] = parts.as_slice() else {
+        bail!("object {text:?}: expected Kind/namespace/name");
+    };
+    let kind = SmiKind::from_kind(kind)
+        .with_context(|| format!("object {text:?}: unknown SMI kind {kind:?}"))?;
+    Ok(ObjectRef::new(kind, *namespace, *name))
+}
+
+pub async fn diagnostics(args: &DiagnosticsArgs) -> Result<()> {
+    let object = args.object.as_deref().map(parse_object_ref).transpose()?;
+    let mut client = v1::translator_diagnostics_client::TranslatorDiagnosticsClient::connect(
+        args.translator.clone(),
+    )
+    .await
+    .with_context(|| format!("connecting to smi-translator at {}", args.translator))?;
+    let response = client
+        .list(v1::ListDiagnosticsRequest {
+            object: object.as_ref().map(Into::into),
+        })
+        .await
+        .context("listing diagnostics")?
+        .into_inner();
+    if response.objects.is_empty() {
+        println!("no objects known to the translator");
+    }
+    for status in response.objects {
+        let object = status
+            .object
+            .as_ref()
+            .and_then(|o| ObjectRef::try_from(o).ok())
+            .map(|o| o.to_string())
+            .unwrap_or_else(|| "?".into());
+        println!("{:<8} {object}", status.status);
+        for d in status.diagnostics {
+            let severity = if d.severity == v1::Severity::Error as i32 {
+                "error"
+            } else {
+                "warning"
+            };
+            println!(
+                "         {severity} {}: {} ({})",
+                d.field, d.message, d.code
+            );
+        }
+    }
+    Ok(())
+}
