@@ -1,7 +1,10 @@
 //! The incremental index: all SMI objects, what they mean in Consul, and what changed.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::Hash;
 use std::mem;
+use std::sync::Arc;
 
 use consul_smi_api::{ObjectRef, SmiKind, SmiObject};
 use consul_smi_core::{
@@ -13,6 +16,34 @@ use crate::diff::diff;
 use crate::plan::{self, SplitPlan, TargetField, TargetPlan};
 use crate::resolve::{self, DestinationOutput, Routes, SplitOutput};
 use crate::{NamespaceMode, TranslateOptions};
+
+/// One shared copy of each object's name: the index refers to an object from many places.
+type Ref = Arc<ObjectRef>;
+
+/// The value for `key`, inserted as default if missing; clones the key only when inserting.
+fn slot<'m, K, Q, V>(map: &'m mut HashMap<K, V>, key: &Q) -> &'m mut V
+where
+    K: Borrow<Q> + Hash + Eq,
+    Q: ToOwned<Owned = K> + Hash + Eq + ?Sized,
+    V: Default,
+{
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
+}
+
+fn btree_slot<'m, K, Q, V>(map: &'m mut BTreeMap<K, V>, key: &Q) -> &'m mut V
+where
+    K: Borrow<Q> + Ord,
+    Q: ToOwned<Owned = K> + Ord + ?Sized,
+    V: Default,
+{
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
+}
 
 /// Why a service needs `protocol = http`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -45,12 +76,34 @@ impl ObjectDiagnostics {
 /// What one change touched, to be recomputed once at the end.
 #[derive(Default)]
 struct Touched {
+    /// Loading a fresh index: nothing is recorded, everything is computed once at the end.
+    bulk: bool,
     destinations: BTreeSet<ServiceName>,
     roots: BTreeSet<ServiceName>,
     /// ServiceAccount name → the namespaces referencing it before the change.
     names: BTreeMap<String, Vec<String>>,
     /// TrafficTargets inserted by the change.
-    targets: BTreeSet<ObjectRef>,
+    targets: BTreeSet<Ref>,
+}
+
+impl Touched {
+    fn destination(&mut self, service: &ServiceName) {
+        if !self.bulk && !self.destinations.contains(service) {
+            self.destinations.insert(service.clone());
+        }
+    }
+
+    fn root(&mut self, service: &ServiceName) {
+        if !self.bulk && !self.roots.contains(service) {
+            self.roots.insert(service.clone());
+        }
+    }
+
+    fn target(&mut self, object: &Ref) {
+        if !self.bulk {
+            self.targets.insert(object.clone());
+        }
+    }
 }
 
 /// The previous value of every key a change wrote, to derive the change's commands.
@@ -139,22 +192,22 @@ impl ChangeLog {
 #[derive(Clone, Debug)]
 pub struct Index {
     options: TranslateOptions,
-    objects: HashMap<ObjectRef, SmiObject>,
-    targets: HashMap<ObjectRef, TargetPlan>,
+    objects: HashMap<Ref, SmiObject>,
+    targets: HashMap<Ref, TargetPlan>,
     routes: Routes,
-    splits: HashMap<ObjectRef, SplitPlan>,
-    by_destination: HashMap<ServiceName, BTreeSet<ObjectRef>>,
+    splits: HashMap<Ref, SplitPlan>,
+    by_destination: HashMap<ServiceName, BTreeSet<Ref>>,
     /// Route → TrafficTargets (with a valid destination) whose rules name it.
-    route_dependents: HashMap<ObjectRef, HashSet<ObjectRef>>,
+    route_dependents: HashMap<ObjectRef, HashSet<Ref>>,
     /// Destination → its intention keys in `desired`, sorted.
     destination_keys: HashMap<ServiceName, Vec<IntentionKey>>,
-    by_root: HashMap<ServiceName, BTreeSet<ObjectRef>>,
+    by_root: HashMap<ServiceName, BTreeSet<Ref>>,
     /// Root → the services its written splitter needs http for.
     splitter_http: HashMap<ServiceName, Vec<ServiceName>>,
     http_reasons: HashMap<ServiceName, HashSet<HttpReason>>,
     /// OSS only: ServiceAccount name → namespace → (TrafficTarget, field) references.
-    identity_refs: HashMap<String, BTreeMap<String, BTreeSet<(ObjectRef, TargetField)>>>,
-    diagnostics: BTreeMap<ObjectRef, ObjectDiagnostics>,
+    identity_refs: HashMap<String, BTreeMap<String, BTreeSet<(Ref, TargetField)>>>,
+    diagnostics: BTreeMap<Ref, ObjectDiagnostics>,
     desired: DesiredState,
 }
 
@@ -252,7 +305,7 @@ impl Index {
     /// The status of one known object.
     pub fn status(&self, object: &ObjectRef) -> Option<ObjectStatus<'_>> {
         let (object, diagnostics) = self.diagnostics.get_key_value(object)?;
-        Some(ObjectStatus::new(object, diagnostics.iter().collect()))
+        Some(ObjectStatus::new(&**object, diagnostics.iter().collect()))
     }
 
     /// The status of every known object, in [`ObjectRef`] order (objects without diagnostics
@@ -260,17 +313,84 @@ impl Index {
     pub fn statuses(&self) -> impl Iterator<Item = ObjectStatus<'_>> {
         self.diagnostics
             .iter()
-            .map(|(object, diagnostics)| ObjectStatus::new(object, diagnostics.iter().collect()))
+            .map(|(object, diagnostics)| ObjectStatus::new(&**object, diagnostics.iter().collect()))
     }
 
+    /// Fill a fresh index: insert everything, then compute every destination, split root and
+    /// collapse once, building the intention map in one sorted pass.
     fn load(&mut self, objects: Vec<SmiObject>) {
-        let mut touched = Touched::default();
+        let mut touched = Touched {
+            bulk: true,
+            ..Touched::default()
+        };
         for object in objects {
             let object_ref = object.object_ref();
             self.remove_object(&object_ref, &mut touched);
             self.insert_object(object_ref, object, &mut touched);
         }
-        self.settle(&touched, &mut ChangeLog::default());
+
+        let mut intentions: Vec<Intention> = Vec::new();
+        let mut http_destinations: Vec<ServiceName> = Vec::new();
+        for (destination, group) in &self.by_destination {
+            let output = resolve::resolve_destination(
+                destination,
+                group
+                    .iter()
+                    .filter_map(|r| self.targets.get(r).map(|p| (&**r, p))),
+                &self.routes,
+                &self.options,
+            );
+            for diagnostic in output.diagnostics {
+                if let Some(diagnostics) = self.diagnostics.get_mut(&diagnostic.object) {
+                    diagnostics.resolved.push(diagnostic);
+                }
+            }
+            if !output.intentions.is_empty() {
+                let keys = output.intentions.iter().map(|i| i.key.clone()).collect();
+                self.destination_keys.insert(destination.clone(), keys);
+            }
+            if output.needs_http {
+                http_destinations.push(destination.clone());
+            }
+            intentions.extend(output.intentions);
+        }
+        intentions.extend(mem::take(&mut self.desired.intentions).into_values());
+        self.desired.intentions = intentions.into_iter().map(|i| (i.key.clone(), i)).collect();
+
+        let mut log = ChangeLog::default();
+        for destination in http_destinations {
+            self.set_http_reason(&destination, HttpReason::Destination, true, &mut log);
+        }
+        let roots: Vec<ServiceName> = self.by_root.keys().cloned().collect();
+        for root in &roots {
+            self.recompute_root(root, &mut log);
+        }
+        if self.oss() {
+            for (name, by_namespace) in &self.identity_refs {
+                if by_namespace.len() < 2 {
+                    continue;
+                }
+                let namespaces: BTreeSet<&str> = by_namespace.keys().map(String::as_str).collect();
+                for (namespace, refs) in by_namespace {
+                    for (object, field) in refs {
+                        let diagnostic = resolve::collapse_diagnostic(
+                            object,
+                            *field,
+                            namespace,
+                            name,
+                            &namespaces,
+                        );
+                        if let Some(diagnostics) = self.diagnostics.get_mut(object) {
+                            diagnostics
+                                .collapse
+                                .entry(name.clone())
+                                .or_default()
+                                .push(diagnostic);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn oss(&self) -> bool {
@@ -285,7 +405,7 @@ impl Index {
     }
 
     fn touch_name(&self, name: &str, touched: &mut Touched) {
-        if !touched.names.contains_key(name) {
+        if !touched.bulk && !touched.names.contains_key(name) {
             touched
                 .names
                 .insert(name.to_string(), self.namespaces_of(name));
@@ -299,16 +419,16 @@ impl Index {
                 .get(target)
                 .and_then(|p| p.destination.as_ref())
             {
-                touched.destinations.insert(destination.service.clone());
+                touched.destination(&destination.service);
             }
         }
     }
 
     /// Remove `object_ref` from every structure; returns whether it was known.
     fn remove_object(&mut self, object_ref: &ObjectRef, touched: &mut Touched) -> bool {
-        if self.objects.remove(object_ref).is_none() {
+        let Some((shared, _)) = self.objects.remove_entry(object_ref) else {
             return false;
-        }
+        };
         self.diagnostics.remove(object_ref);
         match object_ref.kind {
             SmiKind::TrafficTarget => {
@@ -323,7 +443,7 @@ impl Index {
                             self.by_destination.remove(service);
                         }
                     }
-                    touched.destinations.insert(service.clone());
+                    touched.destination(service);
                     for rule in &target_plan.rules {
                         if let Some(dependents) = self.route_dependents.get_mut(&rule.route) {
                             dependents.remove(object_ref);
@@ -341,7 +461,7 @@ impl Index {
                             continue;
                         };
                         if let Some(refs) = by_namespace.get_mut(&identity.namespace) {
-                            refs.remove(&(object_ref.clone(), identity.field));
+                            refs.remove(&(shared.clone(), identity.field));
                             if refs.is_empty() {
                                 by_namespace.remove(&identity.namespace);
                             }
@@ -369,7 +489,7 @@ impl Index {
                             self.by_root.remove(&root);
                         }
                     }
-                    touched.roots.insert(root);
+                    touched.root(&root);
                 }
             }
         }
@@ -377,47 +497,40 @@ impl Index {
     }
 
     fn insert_object(&mut self, object_ref: ObjectRef, object: SmiObject, touched: &mut Touched) {
+        let object_ref: Ref = Arc::new(object_ref);
         let mut diagnostics = ObjectDiagnostics::default();
         match &object {
             SmiObject::TrafficTarget(target) => {
                 let mut target_plan = plan::plan_target(target, &self.options);
                 diagnostics.local = mem::take(&mut target_plan.local);
                 if let Some(destination) = &target_plan.destination {
-                    self.by_destination
-                        .entry(destination.service.clone())
-                        .or_default()
-                        .insert(object_ref.clone());
-                    touched.destinations.insert(destination.service.clone());
+                    slot(&mut self.by_destination, &destination.service).insert(object_ref.clone());
+                    touched.destination(&destination.service);
                     for rule in &target_plan.rules {
-                        self.route_dependents
-                            .entry(rule.route.clone())
-                            .or_default()
-                            .insert(object_ref.clone());
+                        slot(&mut self.route_dependents, &rule.route).insert(object_ref.clone());
                     }
                 }
                 if self.oss() {
                     for identity in target_plan.identities() {
                         self.touch_name(&identity.service.name, touched);
-                        self.identity_refs
-                            .entry(identity.service.name.clone())
-                            .or_default()
-                            .entry(identity.namespace.clone())
-                            .or_default()
+                        let by_namespace =
+                            slot(&mut self.identity_refs, identity.service.name.as_str());
+                        btree_slot(by_namespace, identity.namespace.as_str())
                             .insert((object_ref.clone(), identity.field));
                     }
-                    touched.targets.insert(object_ref.clone());
+                    touched.target(&object_ref);
                 }
                 self.targets.insert(object_ref.clone(), target_plan);
             }
             SmiObject::HttpRouteGroup(group) => {
                 let mut route_plan = plan::plan_http_route_group(group);
                 diagnostics.local = mem::take(&mut route_plan.local);
-                self.routes.http.insert(object_ref.clone(), route_plan);
+                self.routes.http.insert((*object_ref).clone(), route_plan);
                 self.touch_route_dependents(&object_ref, touched);
             }
             SmiObject::TcpRoute(route) => {
                 diagnostics.local = plan::tcp_route_diagnostics(route);
-                self.routes.tcp.insert(object_ref.clone());
+                self.routes.tcp.insert((*object_ref).clone());
                 self.touch_route_dependents(&object_ref, touched);
             }
             SmiObject::UdpRoute(route) => diagnostics.local = plan::udp_route_diagnostics(route),
@@ -425,11 +538,8 @@ impl Index {
                 let mut split_plan = plan::plan_split(split, &self.options);
                 diagnostics.local = mem::take(&mut split_plan.local);
                 if let Some(root) = &split_plan.root {
-                    self.by_root
-                        .entry(root.clone())
-                        .or_default()
-                        .insert(object_ref.clone());
-                    touched.roots.insert(root.clone());
+                    slot(&mut self.by_root, root).insert(object_ref.clone());
+                    touched.root(root);
                 }
                 self.splits.insert(object_ref.clone(), split_plan);
             }
@@ -457,7 +567,7 @@ impl Index {
                 destination,
                 group
                     .iter()
-                    .filter_map(|r| self.targets.get(r).map(|p| (r, p))),
+                    .filter_map(|r| self.targets.get(r).map(|p| (&**r, p))),
                 &self.routes,
                 &self.options,
             ),
@@ -506,7 +616,7 @@ impl Index {
                 root,
                 group
                     .iter()
-                    .filter_map(|r| self.splits.get(r).map(|p| (r, p))),
+                    .filter_map(|r| self.splits.get(r).map(|p| (&**r, p))),
             ),
             None => SplitOutput::default(),
         };

@@ -161,7 +161,7 @@ pub fn translate(objects: &[SmiObject], options: &TranslateOptions) -> Translati
 
     let mut diagnostics: Vec<Diagnostic> = Vec::new();
     let mut routes = resolve::Routes::default();
-    let mut targets: BTreeMap<ObjectRef, plan::TargetPlan> = BTreeMap::new();
+    let mut targets: Vec<(ObjectRef, plan::TargetPlan)> = Vec::with_capacity(objects.len());
     let mut splits: BTreeMap<ObjectRef, plan::SplitPlan> = BTreeMap::new();
     for object in latest.into_values() {
         let object_ref = object.object_ref();
@@ -169,7 +169,7 @@ pub fn translate(objects: &[SmiObject], options: &TranslateOptions) -> Translati
             SmiObject::TrafficTarget(target) => {
                 let target_plan = plan::plan_target(target, options);
                 diagnostics.extend(target_plan.local.iter().cloned());
-                targets.insert(object_ref.clone(), target_plan);
+                targets.push((object_ref, target_plan));
             }
             SmiObject::HttpRouteGroup(group) => {
                 let route_plan = plan::plan_http_route_group(group);
@@ -192,8 +192,10 @@ pub fn translate(objects: &[SmiObject], options: &TranslateOptions) -> Translati
     let mut state = DesiredState::default();
     let mut http_services: BTreeSet<ServiceName> = BTreeSet::new();
 
-    let mut by_destination: BTreeMap<&ServiceName, Vec<(&ObjectRef, &plan::TargetPlan)>> =
-        BTreeMap::new();
+    // Grouping order does not matter: each group's output is sorted by construction. Hash maps
+    // and one bulk BTreeMap build keep a 10k-object build cache-friendly.
+    let mut by_destination: HashMap<&ServiceName, Vec<(&ObjectRef, &plan::TargetPlan)>> =
+        HashMap::new();
     for (object_ref, target_plan) in &targets {
         if let Some(destination) = &target_plan.destination {
             by_destination
@@ -202,16 +204,16 @@ pub fn translate(objects: &[SmiObject], options: &TranslateOptions) -> Translati
                 .push((object_ref, target_plan));
         }
     }
+    let mut intentions = Vec::new();
     for (destination, group) in by_destination {
         let output = resolve::resolve_destination(destination, group, &routes, options);
         if output.needs_http {
             http_services.insert(destination.clone());
         }
         diagnostics.extend(output.diagnostics);
-        for intention in output.intentions {
-            state.intentions.insert(intention.key.clone(), intention);
-        }
+        intentions.extend(output.intentions);
     }
+    state.intentions = intentions.into_iter().map(|i| (i.key.clone(), i)).collect();
 
     let mut by_root: BTreeMap<&ServiceName, Vec<(&ObjectRef, &plan::SplitPlan)>> = BTreeMap::new();
     for (object_ref, split_plan) in &splits {
