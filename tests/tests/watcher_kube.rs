@@ -1041,3 +1041,69 @@ async fn benchmark_write_to_delta_latency() {
     report("smi-watcher minus plain watch, per write", &mut overhead);
     assert_eq!(grpc_delays.len(), WRITES);
 }
+
+/// The serial number of the certificate a TLS server presents, via `openssl s_client`.
+fn presented_serial(port: u16) -> String {
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} </dev/null 2>/dev/null | openssl x509 -noout -serial"
+        ))
+        .output()
+        .expect("running openssl");
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+fn file_serial(cert: &std::path::Path) -> String {
+    let output = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(cert)
+        .output()
+        .expect("running openssl");
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+/// cert-manager renews the webhook's Secret in place; the webhook must present the new
+/// certificate without a restart, and survive a half-written rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_certificate_is_reloaded_when_rotated() {
+    let server = KubeApiServer::start()
+        .await
+        .expect("the test API server must start");
+    let first = server.issue_serving_cert("rotating").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tls = consul_smi_watcher::webhook::tls_config(&first.cert_path, &first.key_path).unwrap();
+    let webhook = tokio::spawn(consul_smi_watcher::webhook::serve_conversion_webhook(
+        listener,
+        tls,
+        std::future::pending(),
+    ));
+    let first_serial = file_serial(&first.cert_path);
+    let presented = tokio::task::spawn_blocking(move || presented_serial(port))
+        .await
+        .unwrap();
+    assert_eq!(presented, first_serial);
+
+    // Modification times must differ from the first pair's.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = server.issue_serving_cert("rotating").unwrap();
+    let second_serial = file_serial(&second.cert_path);
+    assert_ne!(first_serial, second_serial);
+    let presented = tokio::task::spawn_blocking(move || presented_serial(port))
+        .await
+        .unwrap();
+    assert_eq!(
+        presented, second_serial,
+        "the rotated certificate is served"
+    );
+
+    // A broken key (a rotation caught half-way) keeps the last good pair in service.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&second.key_path, "not a key").unwrap();
+    let presented = tokio::task::spawn_blocking(move || presented_serial(port))
+        .await
+        .unwrap();
+    assert_eq!(presented, second_serial);
+    webhook.abort();
+}
