@@ -305,7 +305,7 @@ impl Index {
     /// The status of one known object.
     pub fn status(&self, object: &ObjectRef) -> Option<ObjectStatus<'_>> {
         let (object, diagnostics) = self.diagnostics.get_key_value(object)?;
-        Some(ObjectStatus::new(&**object, diagnostics.iter().collect()))
+        Some(ObjectStatus::new(object, diagnostics.iter().collect()))
     }
 
     /// The status of every known object, in [`ObjectRef`] order (objects without diagnostics
@@ -313,7 +313,7 @@ impl Index {
     pub fn statuses(&self) -> impl Iterator<Item = ObjectStatus<'_>> {
         self.diagnostics
             .iter()
-            .map(|(object, diagnostics)| ObjectStatus::new(&**object, diagnostics.iter().collect()))
+            .map(|(object, diagnostics)| ObjectStatus::new(object, diagnostics.iter().collect()))
     }
 
     /// Fill a fresh index: insert everything, then compute every destination, split root and
