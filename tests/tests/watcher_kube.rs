@@ -12,6 +12,7 @@ use consul_smi_e2e::kube::KubeApiServer;
 use consul_smi_grpc::smi::{HubWatchEvent, SnapshotReason, WatchChange};
 use consul_smi_watcher::{Source, WatcherConfig, WatcherError};
 use futures::StreamExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -545,13 +546,40 @@ async fn missing_crds_are_waited_for_and_picked_up() {
     let cert = cluster.server.issue_serving_cert("late-webhook").unwrap();
     // The CRDs' webhook URL only matters for non-storage versions; this test writes the
     // storage version, so any port will do.
-    cluster.install_crds(1, cert.ca_pem).await;
+    cluster.install_crds(1, cert.ca_pem.clone()).await;
     create(&cluster.client(), tcp_route("late", 1234)).await;
     sub.wait_until("the object of a CRD installed later arrives", |s| {
         s.has(SmiKind::TCPRoute, "default", "late")
     })
     .await;
     assert_eq!(sub.snapshots, [SnapshotReason::Initial]);
+
+    // Deleting the CRD deletes its objects, for subscribers too; installing it again resumes.
+    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client());
+    crds.delete("tcproutes.specs.smi-spec.io", &DeleteParams::default())
+        .await
+        .unwrap();
+    sub.wait_until("the objects of a deleted CRD are deleted", |s| {
+        s.state.is_empty()
+    })
+    .await;
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    while crds
+        .get_opt("tcproutes.specs.smi-spec.io")
+        .await
+        .unwrap()
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "CRD deletion did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.install_crds(1, cert.ca_pem.clone()).await;
+    create(&cluster.client(), tcp_route("again", 4321)).await;
+    sub.wait_until("objects of the re-installed CRD arrive", |s| {
+        s.has(SmiKind::TCPRoute, "default", "again")
+    })
+    .await;
+    assert_eq!(sub.state.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
