@@ -104,6 +104,16 @@ impl ModernConsul {
         self.changed.send_replace(index);
     }
 
+    /// Deletes an entry as an operator would.
+    pub fn remove(&self, kind: &str, name: &str) {
+        let mut inner = self.lock();
+        inner.entries.remove(&(kind.to_string(), name.to_string()));
+        inner.index += 1;
+        let index = inner.index;
+        drop(inner);
+        self.changed.send_replace(index);
+    }
+
     pub fn fail_next(&self, count: u32) {
         self.lock().transient_failures = count;
     }
@@ -151,9 +161,10 @@ async fn handle(
     {
         let mut inner = double.lock();
         if let Some(token) = &inner.required_token
-            && headers.get("X-Consul-Token").and_then(|v| v.to_str().ok()) != Some(token.as_str()) {
-                return text(StatusCode::FORBIDDEN, "Permission denied");
-            }
+            && headers.get("X-Consul-Token").and_then(|v| v.to_str().ok()) != Some(token.as_str())
+        {
+            return text(StatusCode::FORBIDDEN, "Permission denied");
+        }
         if inner.transient_failures > 0 && uri.path() != "/v1/agent/self" {
             inner.transient_failures -= 1;
             return text(StatusCode::INTERNAL_SERVER_ERROR, "No cluster leader");
@@ -322,11 +333,11 @@ fn put(double: &ModernConsul, params: &BTreeMap<String, String>, body: &[u8]) ->
             || meta
                 .iter()
                 .any(|(k, v)| k.len() > 128 || v.as_str().is_none_or(|v| v.len() > 512)))
-        {
-            return validation(
-                "Meta exceeds Consul's limits (64 keys, 128-byte keys, 512-byte values)",
-            );
-        }
+    {
+        return validation(
+            "Meta exceeds Consul's limits (64 keys, 128-byte keys, 512-byte values)",
+        );
+    }
     let mut inner = double.lock();
     if kind == "service-intentions" {
         if let Err(message) = validate_intentions(&inner.entries, &name, &entry) {
@@ -344,12 +355,13 @@ fn put(double: &ModernConsul, params: &BTreeMap<String, String>, body: &[u8]) ->
     }
     let key = (kind.clone(), name.clone());
     if let Some(race) = inner.race.take()
-        && let Some(stored) = inner.entries.get_mut(&key) {
-            race(stored);
-            inner.index += 1;
-            let index = inner.index;
-            inner.entries.get_mut(&key).unwrap()["ModifyIndex"] = json!(index);
-        }
+        && let Some(stored) = inner.entries.get_mut(&key)
+    {
+        race(stored);
+        inner.index += 1;
+        let index = inner.index;
+        inner.entries.get_mut(&key).unwrap()["ModifyIndex"] = json!(index);
+    }
     let current = inner
         .entries
         .get(&key)
@@ -393,9 +405,10 @@ fn delete(
         .get(&key)
         .map(|e| e["ModifyIndex"].as_u64().unwrap_or(0));
     if let Some(cas) = cas
-        && current.is_some_and(|index| index != cas) {
-            return axum::Json(json!({"Deleted": false})).into_response();
-        }
+        && current.is_some_and(|index| index != cas)
+    {
+        return axum::Json(json!({"Deleted": false})).into_response();
+    }
     if inner.entries.remove(&key).is_some() {
         inner.index += 1;
         inner.writes += 1;
