@@ -1014,12 +1014,21 @@ async fn benchmark_write_to_delta_latency() {
     let mut grpc_delays = Vec::with_capacity(WRITES);
     let mut plain_delays = Vec::with_capacity(WRITES);
     let mut write_delays = Vec::with_capacity(WRITES);
-    let started = Instant::now();
-    for i in 0..WRITES {
+    let mut started = Instant::now();
+    // Write 0 warms up: the first write to a fresh resource took ~2 s in every run here (for
+    // the write itself and both watches alike; cause not investigated), which would only
+    // distort the maximum.
+    for i in 0..=WRITES {
+        let warm_up = i == 0;
+        if i == 1 {
+            started = Instant::now();
+        }
         let name = format!("bench-{i}");
         let written = Instant::now();
         create(&client, tcp_route(&name, 1 + (i % 60000) as u16)).await;
-        write_delays.push(written.elapsed());
+        if !warm_up {
+            write_delays.push(written.elapsed());
+        }
         for (rx, delays) in [
             (&mut grpc_rx, &mut grpc_delays),
             (&mut plain_rx, &mut plain_delays),
@@ -1030,7 +1039,9 @@ async fn benchmark_write_to_delta_latency() {
                     .expect("event within timeout")
                     .expect("channel open");
                 if seen == name {
-                    delays.push(at - written);
+                    if !warm_up {
+                        delays.push(at - written);
+                    }
                     break;
                 }
             }
