@@ -25,16 +25,38 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ConsulAgentOptions {
     /// Enable ACLs with `default_policy = "deny"` and bootstrap them.
     pub acl: bool,
+    /// Also serve HTTPS (certificates from a throw-away CA made with openssl) and require a
+    /// client certificate on it (`verify_incoming_https`). Plain HTTP stays on.
+    pub tls: bool,
 }
 
 impl ConsulAgentOptions {
     pub fn with_acl() -> Self {
-        ConsulAgentOptions { acl: true }
+        ConsulAgentOptions {
+            acl: true,
+            ..Default::default()
+        }
     }
+
+    pub fn with_tls() -> Self {
+        ConsulAgentOptions {
+            tls: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// PEM files of an agent started with [`ConsulAgentOptions::tls`].
+#[derive(Clone, Debug)]
+pub struct ConsulTls {
+    pub ca_cert: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 struct Ports {
     http: u16,
+    https: u16,
     dns: u16,
     serf_lan: u16,
     serf_wan: u16,
@@ -49,6 +71,7 @@ pub struct ConsulAgent {
     ports: Ports,
     child: Option<Child>,
     bootstrap_token: Option<String>,
+    tls: Option<ConsulTls>,
     starts: u32,
 }
 
@@ -68,10 +91,16 @@ impl ConsulAgent {
             .context("creating the Consul data directory")?;
         let ports = Ports {
             http: free_port()?,
+            https: free_port()?,
             dns: free_port()?,
             serf_lan: free_port()?,
             serf_wan: free_port()?,
             server: free_port()?,
+        };
+        let tls = if options.tls {
+            Some(make_certificates(dir.path())?)
+        } else {
+            None
         };
         let mut agent = ConsulAgent {
             options,
@@ -80,6 +109,7 @@ impl ConsulAgent {
             ports,
             child: None,
             bootstrap_token: None,
+            tls,
             starts: 0,
         };
         agent.launch()?;
@@ -93,6 +123,18 @@ impl ConsulAgent {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.http_addr())
+    }
+
+    /// `https://127.0.0.1:<port>` (TLS agents only).
+    pub fn https_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|_| format!("https://127.0.0.1:{}", self.ports.https))
+    }
+
+    /// CA, client certificate and key for the HTTPS port (TLS agents only).
+    pub fn tls(&self) -> Option<&ConsulTls> {
+        self.tls.as_ref()
     }
 
     /// The management token from `/v1/acl/bootstrap` (ACL agents only).
@@ -208,6 +250,16 @@ impl ConsulAgent {
         if self.options.acl {
             command.args(["-hcl", r#"acl { enabled = true default_policy = "deny" }"#]);
         }
+        if self.options.tls {
+            let dir = self.dir.path();
+            let path = |name: &str| dir.join(name).display().to_string();
+            command
+                .args(["-hcl", &format!("ports {{ https = {} }}", self.ports.https)])
+                .args(["-hcl", &format!("ca_file = {:?}", path("ca.pem"))])
+                .args(["-hcl", &format!("cert_file = {:?}", path("server.pem"))])
+                .args(["-hcl", &format!("key_file = {:?}", path("server.key"))])
+                .args(["-hcl", "verify_incoming_https = true"]);
+        }
         let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("cloning the log handle")?)
@@ -312,6 +364,87 @@ pub fn consul_binary() -> Result<PathBuf> {
         bail!("install-consul.sh printed {path:?}, which is not a file");
     }
     Ok(path)
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, all P-256.
+fn make_certificates(dir: &Path) -> Result<ConsulTls> {
+    let openssl = |args: &[&str]| -> Result<()> {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl")?;
+        if !output.status.success() {
+            bail!(
+                "openssl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=consul-smi test CA",
+    ];
+    args.extend(ec);
+    args.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(&args)?;
+    for (name, subject, extension) in [
+        (
+            "server",
+            "/CN=server.dc1.consul",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:server.dc1.consul\nextendedKeyUsage=serverAuth,clientAuth",
+        ),
+        (
+            "client",
+            "/CN=consul-smi-writer",
+            "extendedKeyUsage=clientAuth",
+        ),
+    ] {
+        let mut args = vec!["req", "-subj", subject];
+        args.extend(ec);
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        args.extend(["-keyout", &key, "-out", &csr]);
+        openssl(&args)?;
+        let ext_file = format!("{name}.ext");
+        std::fs::write(dir.join(&ext_file), extension)?;
+        let pem = format!("{name}.pem");
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-extfile",
+            &ext_file,
+        ])?;
+    }
+    Ok(ConsulTls {
+        ca_cert: dir.join("ca.pem"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    })
 }
 
 fn free_port() -> Result<u16> {

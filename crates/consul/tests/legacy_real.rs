@@ -466,3 +466,83 @@ async fn acl_least_privilege_token_works_and_403s_are_clear() {
     assert_eq!((report.rejected, report.unchanged), (1, 2), "{report:?}");
     assert!(report.results[0].message.contains("403"), "{report:?}");
 }
+
+#[tokio::test]
+async fn https_with_a_ca_and_a_client_certificate() {
+    let agent = ConsulAgent::start(ConsulAgentOptions::with_tls()).expect("Consul must start");
+    let tls = agent.tls().unwrap();
+    let mut config = ConsulConfig::for_address(agent.https_url().unwrap());
+    config.ca_cert = Some(tls.ca_cert.clone());
+    config.client_cert = Some(tls.client_cert.clone());
+    config.client_key = Some(tls.client_key.clone());
+    let r = Reconciler::new(
+        ConsulClient::new(&config).unwrap(),
+        Owner::new("w1").unwrap(),
+        4,
+    );
+    let reports = r
+        .apply(&[Command::UpsertIntention(allow("web", "api"))])
+        .await;
+    assert_eq!(reports[0].outcome, Outcome::Applied, "{reports:?}");
+    assert!(find(&intentions(&agent), "web", "api").is_some());
+
+    // `host:port` plus CONSUL_HTTP_SSL=true means https too.
+    let mut config = config.clone();
+    config.address = agent
+        .https_url()
+        .unwrap()
+        .trim_start_matches("https://")
+        .to_string();
+    config.ssl = true;
+    let r = Reconciler::new(
+        ConsulClient::new(&config).unwrap(),
+        Owner::new("w1").unwrap(),
+        4,
+    );
+    assert_eq!(
+        r.apply(&[Command::UpsertIntention(allow("web", "api"))])
+            .await[0]
+            .outcome,
+        Outcome::Unchanged
+    );
+
+    // Without the client certificate the server refuses the handshake: a transport failure.
+    let mut no_identity = config.clone();
+    no_identity.client_cert = None;
+    no_identity.client_key = None;
+    no_identity.max_attempts = 2;
+    let r = Reconciler::new(
+        ConsulClient::new(&no_identity).unwrap(),
+        Owner::new("w1").unwrap(),
+        4,
+    );
+    let reports = r
+        .apply(&[Command::UpsertIntention(allow("web", "db"))])
+        .await;
+    assert_eq!(reports[0].outcome, Outcome::Failed, "{reports:?}");
+
+    // Without the CA the server certificate is not trusted.
+    let mut no_ca = config.clone();
+    no_ca.ca_cert = None;
+    no_ca.max_attempts = 1;
+    let r = Reconciler::new(
+        ConsulClient::new(&no_ca).unwrap(),
+        Owner::new("w1").unwrap(),
+        4,
+    );
+    let reports = r
+        .apply(&[Command::UpsertIntention(allow("web", "db"))])
+        .await;
+    assert_eq!(reports[0].outcome, Outcome::Failed, "{reports:?}");
+    assert!(
+        reports[0].message.to_lowercase().contains("certificate"),
+        "{}",
+        reports[0].message
+    );
+
+    // Bad files fail at construction, naming the variable.
+    let mut missing = config.clone();
+    missing.ca_cert = Some("/nonexistent/ca.pem".into());
+    let err = ConsulClient::new(&missing).unwrap_err().to_string();
+    assert!(err.contains("CONSUL_CACERT"), "{err}");
+}
