@@ -39,10 +39,11 @@ pub struct IntentionRow {
     pub owned: bool,
 }
 
+/// Fields drop in order: the services stop before the components they talk to.
 struct Local {
-    apiserver: KubeApiServer,
-    consul: ConsulAgent,
     pipeline: Pipeline,
+    consul: ConsulAgent,
+    apiserver: KubeApiServer,
 }
 
 pub struct E2eEnv {
@@ -264,7 +265,7 @@ impl E2eEnv {
         );
         match self.consul.get_json::<serde_json::Value>(call).await {
             Ok(entry) => Ok(Some(entry)),
-            Err(error) if error.to_string().contains("404") => Ok(None),
+            Err(consul_smi_consul::ConsulError::NotFound { .. }) => Ok(None),
             Err(error) => Err(error.into()),
         }
     }

@@ -97,7 +97,9 @@ impl Pipeline {
             Service::Watcher => {
                 args.push(self.watcher_addr.to_string());
                 match &self.options.source {
-                    Source::Dir(path) => args.extend(["--source".into(), format!("dir:{}", path.display())]),
+                    Source::Dir(path) => {
+                        args.extend(["--source".into(), format!("dir:{}", path.display())])
+                    }
                     Source::Kube { kubeconfig } => args.extend([
                         "--source".into(),
                         "kube".into(),
@@ -148,7 +150,11 @@ impl Pipeline {
         command
             .args(self.args(service))
             .env("CONSUL_HTTP_ADDR", &self.options.consul_addr)
-            .env("RUST_LOG", std::env::var("CONSUL_SMI_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("CONSUL_SMI_TEST_LOG")
+                    .unwrap_or_else(|_| "warn,kube_client=off".into()),
+            )
             .envs(self.options.env.iter().cloned())
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -164,7 +170,13 @@ impl Pipeline {
         *self.slot(service) = Some(child);
         wait_for_port(self.addr(service), Duration::from_secs(20))
             .await
-            .with_context(|| format!("consul-smi {} did not start listening on {}", service.name(), self.addr(service)))?;
+            .with_context(|| {
+                format!(
+                    "consul-smi {} did not start listening on {}",
+                    service.name(),
+                    self.addr(service)
+                )
+            })?;
         Ok(())
     }
 
@@ -190,7 +202,10 @@ pub fn consul_smi_binary() -> Result<PathBuf> {
     }
     let exe = std::env::current_exe().context("locating the test executable")?;
     // target/<profile>/deps/<test> → target/<profile>/consul-smi
-    let profile_dir = exe.parent().and_then(Path::parent).context("test executable has no profile directory")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no profile directory")?;
     let candidate = profile_dir.join("consul-smi");
     if candidate.exists() {
         return Ok(candidate);

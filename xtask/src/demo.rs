@@ -32,7 +32,13 @@ pub fn run(args: Args) -> Result<()> {
     }
     let binary = root.join("target/debug/consul-smi");
     // SAFETY: single-threaded at this point; the harness reads it when spawning services.
-    unsafe { std::env::set_var("CONSUL_SMI_BIN", &binary) };
+    unsafe {
+        std::env::set_var("CONSUL_SMI_BIN", &binary);
+        // The services log to this terminal too; keep it to what needs attention.
+        if std::env::var_os("CONSUL_SMI_TEST_LOG").is_none() {
+            std::env::set_var("CONSUL_SMI_TEST_LOG", "warn");
+        }
+    }
 
     step("starting a Consul dev agent");
     let consul = ConsulAgent::start(ConsulAgentOptions::default())?;

@@ -41,8 +41,11 @@ impl WriterLink {
     }
 
     pub(crate) async fn run(mut self, mut inbox: mpsc::Receiver<LinkMessage>) {
-        // Sync first: whatever happened while we were down, Consul converges to the index.
-        let mut sync_needed = true;
+        // Nothing is sent before the first complete snapshot has reached the index: a Sync of
+        // an empty index would delete every owned intention, an outage on every restart.
+        // The pipeline asks for a Sync once the snapshot is in.
+        let mut sync_needed = false;
+        let mut have_snapshot = false;
         let mut attempt = 0u32;
         let mut resync = tokio::time::interval(self.resync_every);
         resync.tick().await;
@@ -52,17 +55,23 @@ impl WriterLink {
                 tokio::select! {
                     message = inbox.recv() => match message {
                         Some(LinkMessage::Commands(commands)) => batch.extend(commands),
-                        Some(LinkMessage::Sync) => sync_needed = true,
+                        Some(LinkMessage::Sync) => {
+                            have_snapshot = true;
+                            sync_needed = true;
+                        }
                         None => return,
                     },
-                    _ = resync.tick() => sync_needed = true,
+                    _ = resync.tick(), if have_snapshot => sync_needed = true,
                 }
             }
             // Take everything already queued: one RPC instead of many.
             while let Ok(message) = inbox.try_recv() {
                 match message {
                     LinkMessage::Commands(commands) => batch.extend(commands),
-                    LinkMessage::Sync => sync_needed = true,
+                    LinkMessage::Sync => {
+                        have_snapshot = true;
+                        sync_needed = true;
+                    }
                 }
             }
             let delivered = if sync_needed {
