@@ -355,7 +355,7 @@ impl Index {
             intentions.extend(output.intentions);
         }
         intentions.extend(mem::take(&mut self.desired.intentions).into_values());
-        self.desired.intentions = intentions.into_iter().map(|i| (i.key.clone(), i)).collect();
+        self.desired.intentions = resolve::intention_map(intentions);
 
         let mut log = ChangeLog::default();
         for destination in http_destinations {

@@ -213,7 +213,7 @@ pub fn translate(objects: &[SmiObject], options: &TranslateOptions) -> Translati
         diagnostics.extend(output.diagnostics);
         intentions.extend(output.intentions);
     }
-    state.intentions = intentions.into_iter().map(|i| (i.key.clone(), i)).collect();
+    state.intentions = resolve::intention_map(intentions);
 
     let mut by_root: BTreeMap<&ServiceName, Vec<(&ObjectRef, &plan::SplitPlan)>> = BTreeMap::new();
     for (object_ref, split_plan) in &splits {
@@ -234,9 +234,28 @@ pub fn translate(objects: &[SmiObject], options: &TranslateOptions) -> Translati
     }
 
     if matches!(options.namespaces, NamespaceMode::Oss) {
+        // First find the names used from more than one namespace (`None`), cheaply; only
+        // those need their references collected.
+        let mut single_namespace: HashMap<&str, Option<&str>> = HashMap::new();
+        for (_, target_plan) in &targets {
+            for identity in target_plan.identities() {
+                let namespace = Some(identity.namespace.as_str());
+                single_namespace
+                    .entry(identity.service.name.as_str())
+                    .and_modify(|seen| {
+                        if *seen != namespace {
+                            *seen = None;
+                        }
+                    })
+                    .or_insert(namespace);
+            }
+        }
         let mut references: HashMap<&str, ReferencesByNamespace> = HashMap::new();
         for (object_ref, target_plan) in &targets {
             for identity in target_plan.identities() {
+                if single_namespace.get(identity.service.name.as_str()) != Some(&None) {
+                    continue;
+                }
                 references
                     .entry(identity.service.name.as_str())
                     .or_default()

@@ -224,6 +224,16 @@ pub(crate) fn resolve_destination<'a>(
     output
 }
 
+/// The intention map for `intentions` (keys unique), built from a sorted sequence so the map
+/// is bulk-built instead of searched once per insert.
+pub(crate) fn intention_map(mut intentions: Vec<Intention>) -> BTreeMap<IntentionKey, Intention> {
+    intentions.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    intentions
+        .into_iter()
+        .map(|intention| (intention.key.clone(), intention))
+        .collect()
+}
+
 /// Consul limits an intention's Description to 512 bytes.
 pub(crate) const DESCRIPTION_LIMIT: usize = 512;
 

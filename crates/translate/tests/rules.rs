@@ -1096,3 +1096,11 @@ fn reapplying_an_identical_object_is_a_no_op_and_changing_options_recomputes() {
     assert_eq!(commands.len(), 2, "{commands:?}");
     assert_eq!(index.desired(), &translate(&objects, &modern()).state);
 }
+
+#[test]
+fn the_index_can_move_between_threads() {
+    // The translator service keeps it in an async task.
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Index>();
+    assert_send_sync::<Translation>();
+}
