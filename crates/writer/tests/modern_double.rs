@@ -84,6 +84,18 @@ async fn drift_repair_restores_sources_and_entries_on_the_modern_api() {
             >= 2
     );
 
+    // Idle: the blocking queries wait instead of spinning.
+    let passes = || {
+        writer
+            .counters()
+            .drift_passes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = passes();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(passes(), before, "drift passes while idle");
+
     stop.send(true).unwrap();
     drift.await.unwrap();
 }

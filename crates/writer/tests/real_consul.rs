@@ -427,3 +427,50 @@ async fn acl_agent_with_least_privilege_token_through_grpc() {
     );
     anonymous.shutdown().await;
 }
+
+#[tokio::test]
+async fn drift_watch_is_quiet_while_nothing_changes() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let agent = ConsulAgent::start(ConsulAgentOptions::default()).expect("Consul must start");
+    let mut config = WriterConfig::for_consul(agent.http_addr());
+    config.drift_debounce = Duration::from_millis(50);
+    let writer =
+        consul_smi_writer::Writer::new(config, consul_smi_telemetry::Metrics::new()).unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let drift = tokio::spawn(writer.clone().run_drift_repair(stopped));
+    let mut state = DesiredState::default();
+    for x in [allow("web", "api"), allow("cli", "api")] {
+        state.intentions.insert(x.key.clone(), x);
+    }
+    writer.sync(state).await.unwrap();
+
+    // Our own writes may cause a pass or two; then the blocking queries must just wait.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let passes = writer.counters().drift_passes.load(Relaxed);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        writer.counters().drift_passes.load(Relaxed),
+        passes,
+        "drift passes while idle"
+    );
+    assert_eq!(writer.counters().drift_repairs.load(Relaxed), 0);
+
+    let web = find(&intentions(&agent), "web", "api").unwrap()["ID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        agent
+            .http("DELETE", &format!("/v1/connect/intentions/{web}"), None)
+            .unwrap()
+            .status,
+        200
+    );
+    eventually("web -> api is restored", || {
+        find(&intentions(&agent), "web", "api").is_some()
+    })
+    .await;
+    assert_eq!(writer.counters().drift_repairs.load(Relaxed), 1);
+    stop.send(true).unwrap();
+    drift.await.unwrap();
+}
