@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use consul_smi_grpc::v1;
 use consul_smi_grpc::v1::smi_watch_server::SmiWatchServer;
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -133,12 +134,20 @@ pub async fn serve(
     }));
 
     let service = WatchService::new(shared.clone(), config.subscriber_buffer);
+    // Deltas are small messages that should leave at once, not wait for Nagle's algorithm;
+    // tonic only sets TCP_NODELAY on listeners it binds itself.
+    let incoming = TcpListenerStream::new(listener).map(|stream| {
+        if let Ok(stream) = &stream {
+            let _ = stream.set_nodelay(true);
+        }
+        stream
+    });
     let result = tonic::transport::Server::builder()
         // Detects subscribers that vanished without closing their connection.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(health)
         .add_service(SmiWatchServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming, async {
             shutdown.await;
             info!("shutting down: ending subscriptions");
             // Open streams would otherwise keep the graceful shutdown waiting forever.
