@@ -3,6 +3,22 @@
 //! gRPC subscribers (`consul_smi.v1.SmiWatch`, `proto/consul_smi/v1/watch.proto`). It also
 //! serves the CRDs' conversion webhook.
 //!
+//! # The stream, as a subscriber sees it
+//! - A subscriber is held until the source has delivered its complete initial state (every
+//!   served SMI kind listed, or the directory read): it never gets a partial snapshot.
+//! - Empty `epoch` in the request: `SnapshotBegin{REASON_INITIAL}`, one `Applied` per object
+//!   (plus an `Invalid` for objects whose current version is unusable), `SnapshotEnd`, all at
+//!   the snapshot's revision; then deltas with consecutive, increasing revisions.
+//! - `epoch` + `after_revision` of this run: exactly the deltas after that revision, no
+//!   snapshot. Another epoch (the watcher restarted), a revision older than the bounded
+//!   history, or a subscriber that fell that far behind while connected:
+//!   `SnapshotBegin{REASON_RESUME_UNAVAILABLE}` and a fresh snapshot that replaces everything.
+//! - `Invalid` means the object's current version cannot be decoded; its last valid version
+//!   (if any) still stands and a snapshot carries it as `Applied` before the `Invalid`.
+//!   `Deleted` removes both.
+//! - Re-lists (API server restart, 410 Gone) only produce the changes that actually happened,
+//!   deletions included; an unchanged object is never sent twice.
+//!
 //! Layout: [`store`] is the pure state (objects, revisions, bounded history); [`shared`] lets
 //! sources write it and subscribers read it; [`kube_source`] and [`dir_source`] feed it;
 //! [`grpc`] serves it; [`webhook`] is the conversion endpoint; [`serve`] wires them.
