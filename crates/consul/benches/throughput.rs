@@ -65,7 +65,6 @@ async fn main() {
     agent.restart().expect("Consul restarts");
     let mut config = ConsulConfig::for_address(agent.http_addr());
     config.max_concurrency = concurrency;
-    config.rate_limit = 0.0;
     let reconciler = Reconciler::new(
         ConsulClient::new(&config).unwrap(),
         Owner::new("bench").unwrap(),
@@ -102,7 +101,8 @@ async fn main() {
     assert_eq!(report.unchanged as usize, n);
 
     println!(
-        "consul-smi writer throughput, {n} intention upserts, Consul 1.8.7 dev agent (in-memory raft), concurrency {concurrency}"
+        "consul-smi writer throughput, {n} intention upserts, Consul 1.8.7 dev agent (in-memory raft), concurrency {concurrency}, rate limit {} req/s (default)",
+        config.rate_limit
     );
     println!(
         "  raw sequential HTTP loop : {:>8.0} writes/s  ({:.2?})",

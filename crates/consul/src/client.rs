@@ -116,21 +116,39 @@ impl<'a> Call<'a> {
     }
 }
 
+/// Spaces requests `interval` apart on average, allowing a burst of up to `burst` worth of
+/// unused time (tokio timers tick in milliseconds; sleeping per request at 5000/s would
+/// serialise everything on that tick).
 struct RateLimiter {
     interval: Duration,
+    burst: Duration,
     next_slot: Mutex<Instant>,
 }
 
 impl RateLimiter {
+    fn new(per_second: f64) -> Self {
+        RateLimiter {
+            interval: Duration::from_secs_f64(1.0 / per_second),
+            burst: Duration::from_millis(10),
+            next_slot: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Reserves the next slot at `now`; the caller waits until it.
+    fn reserve(&self, now: Instant) -> Instant {
+        let mut next = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
+        let earliest = now.checked_sub(self.burst).unwrap_or(now);
+        let slot = (*next).max(earliest);
+        *next = slot + self.interval;
+        slot
+    }
+
     async fn acquire(&self) {
-        let slot = {
-            let mut next = self.next_slot.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            let slot = (*next).max(now);
-            *next = slot + self.interval;
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
+        let now = Instant::now();
+        let slot = self.reserve(now);
+        if slot > now {
+            tokio::time::sleep_until(slot).await;
+        }
     }
 }
 
@@ -213,10 +231,7 @@ impl ConsulClient {
         let http = builder
             .build()
             .map_err(|e| ConsulError::Config(format!("cannot build HTTP client: {e}")))?;
-        let rate = (config.rate_limit > 0.0).then(|| RateLimiter {
-            interval: Duration::from_secs_f64(1.0 / config.rate_limit),
-            next_slot: Mutex::new(Instant::now()),
-        });
+        let rate = (config.rate_limit > 0.0).then(|| RateLimiter::new(config.rate_limit));
         Ok(ConsulClient {
             inner: Arc::new(Inner {
                 http,
@@ -607,6 +622,20 @@ mod tests {
         assert!(is_transient_500(
             "rpc error: leadership lost while committing log"
         ));
+    }
+
+    #[test]
+    fn rate_limiter_spaces_slots_and_allows_a_small_burst() {
+        let limiter = RateLimiter::new(1000.0);
+        let now = Instant::now() + Duration::from_secs(1);
+        // After idle time, up to `burst` (10 ms = 10 slots) may go at once...
+        let slots: Vec<Instant> = (0..30).map(|_| limiter.reserve(now)).collect();
+        assert_eq!(slots.iter().filter(|s| **s <= now).count(), 11);
+        // ...then slots are spaced by the interval: 30 requests span 29 ms.
+        for pair in slots.windows(2) {
+            assert_eq!(pair[1] - pair[0], Duration::from_millis(1));
+        }
+        assert_eq!(*slots.last().unwrap() - now, Duration::from_millis(19));
     }
 
     #[test]
