@@ -24,7 +24,9 @@
 //!   carry an error [`Diagnostic`]. Port restrictions cannot be expressed by intentions either;
 //!   the pair is still granted (SMI ports only narrow a grant the spec already makes) and a
 //!   warning says the port is not enforced.
-//!
+//! * Rules name routes in the TrafficTarget's own namespace. `matches` omitted (or `[]`,
+//!   which Kubernetes cannot tell apart from omitted) selects every match of the group. A match
+//!   without any restriction becomes `PathPrefix: "/"`, since Consul rejects an empty one.
 //! * Names: a ServiceAccount name that is empty or contains `*` is rejected with an error.
 //!   Consul reads `*` as "every service", SMI has no wildcards, and Kubernetes names cannot
 //!   contain `*`, so accepting it could only widen a grant to everyone.
@@ -35,8 +37,12 @@
 //!   with mixed protocols), so those services get a `protocol = "http"` entry. Only modern
 //!   Consul gets L7 intentions, so legacy targets only see them for splitters. The writer only
 //!   writes service-defaults consul-smi owns, so a user's own entry is never overwritten.
-//! * TrafficSplit → `service-splitter`, see the weight rules on the splitter functions; a split
-//!   with `matches` is withheld (a splitter would split every request, not just those routes).
+//! * TrafficSplit → `service-splitter` for `spec.service`. Weights (v1alpha1 Quantities too)
+//!   become two-decimal percentages summing to exactly 100.00 by largest remainder, because
+//!   Consul requires `round(weight * 100)` to sum to 10000; zero shares are left out,
+//!   duplicate backends merged (warning). Zero total weight, or `matches` (a splitter would
+//!   split every request, not only those routes), give an error and no splitter. Two splits of
+//!   one Consul service: the first by namespace/name is written, the other gets an error.
 //! * Intention descriptions list the granting TrafficTargets (`namespace/name`, sorted),
 //!   truncated deterministically to Consul's 512-byte limit.
 //!
