@@ -5,13 +5,14 @@
 //! (`consul_smi_api::convert_review`). TLS is terminated here with rustls (ring, the provider
 //! kube and tonic already use) because the API server only calls webhooks over HTTPS.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::post;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
@@ -134,18 +135,49 @@ pub fn router() -> Router {
     Router::new()
         .route("/convert", post(convert))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(Arc::new(FailureLog::default()))
 }
 
-async fn convert(axum::Json(review): axum::Json<Value>) -> axum::Json<Value> {
-    let response = consul_smi_api::convert_review(&review);
-    let failure = response
-        .pointer("/response/result/message")
-        .and_then(Value::as_str);
-    match failure {
-        Some(message) => {
-            warn!(desired = ?review.pointer("/request/desiredAPIVersion"), message, "conversion failed")
+/// The API server keeps a watch cache per served version and retries a failed conversion
+/// about ten times a second, forever: one object that cannot be expressed in an old version
+/// would otherwise print dozens of identical warnings per second.
+#[derive(Default)]
+struct FailureLog {
+    last_warned: Mutex<HashMap<String, Instant>>,
+}
+
+const REPEAT_WARNING_AFTER: Duration = Duration::from_secs(60);
+
+impl FailureLog {
+    /// True when `message` was not warned about within the last minute.
+    fn should_warn(&self, message: &str) -> bool {
+        let mut last = self.last_warned.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        last.retain(|_, at| now.duration_since(*at) < REPEAT_WARNING_AFTER);
+        if last.contains_key(message) {
+            return false;
         }
-        None => debug!(desired = ?review.pointer("/request/desiredAPIVersion"), "converted"),
+        last.insert(message.to_string(), now);
+        true
+    }
+}
+
+async fn convert(
+    State(failures): State<Arc<FailureLog>>,
+    axum::Json(review): axum::Json<Value>,
+) -> axum::Json<Value> {
+    let response = consul_smi_api::convert_review(&review);
+    let desired = review.pointer("/request/desiredAPIVersion");
+    match response
+        .pointer("/response/result/message")
+        .and_then(Value::as_str)
+    {
+        Some(message) if failures.should_warn(message) => warn!(
+            ?desired,
+            message, "conversion failed (identical failures are logged at debug for a minute)"
+        ),
+        Some(message) => debug!(?desired, message, "conversion failed"),
+        None => debug!(?desired, "converted"),
     }
     axum::Json(response)
 }
@@ -188,5 +220,18 @@ pub async fn serve_conversion_webhook(
                 debug!(%peer, error = %e, "webhook connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_failures_warn_once_per_minute() {
+        let log = FailureLog::default();
+        assert!(log.should_warn("converting to v1alpha3: x"));
+        assert!(!log.should_warn("converting to v1alpha3: x"));
+        assert!(log.should_warn("converting to v1alpha2: x"));
     }
 }
