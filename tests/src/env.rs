@@ -288,12 +288,18 @@ impl E2eEnv {
         Ok(())
     }
 
-    /// Kills and restarts a component. Local harness only; the kind harness restarts pods.
+    /// Kills and restarts a component: processes locally; pods in kind (the API server of a
+    /// kind cluster cannot be restarted from here).
     pub async fn restart(&mut self, component: Component) -> Result<()> {
         let Some(local) = self.local.as_mut() else {
-            bail!(
-                "restarting {component:?} needs the local harness (kind: delete the pod instead)"
-            );
+            return match component {
+                Component::Service(service) => {
+                    self.delete_pods("consul-smi", deployment_name(service))
+                        .await
+                }
+                Component::Consul => self.delete_pods("consul", "consul").await,
+                Component::ApiServer => bail!("the kind harness cannot restart the API server"),
+            };
         };
         match component {
             Component::Service(service) => local.pipeline.restart(service).await?,
@@ -306,18 +312,62 @@ impl E2eEnv {
         Ok(())
     }
 
+    /// SIGKILL locally; scale to zero in kind.
     pub async fn kill(&mut self, service: Service) -> Result<()> {
         match self.local.as_mut() {
             Some(local) => local.pipeline.kill(service).await,
-            None => bail!("killing {service:?} needs the local harness"),
+            None => self.scale(service, 0).await,
         }
     }
 
     pub async fn start_service(&mut self, service: Service) -> Result<()> {
         match self.local.as_mut() {
             Some(local) => local.pipeline.start_service(service).await,
-            None => bail!("starting {service:?} needs the local harness"),
+            None => self.scale(service, 1).await,
         }
+    }
+
+    async fn scale(&self, service: Service, replicas: i32) -> Result<()> {
+        use k8s_openapi::api::apps::v1::Deployment;
+        let api: Api<Deployment> = Api::namespaced(self.kube.clone(), "consul-smi");
+        let patch = serde_json::json!({"spec": {"replicas": replicas}});
+        api.patch(
+            deployment_name(service),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .with_context(|| format!("scaling {} to {replicas}", deployment_name(service)))?;
+        Ok(())
+    }
+
+    async fn delete_pods(&self, namespace: &str, app: &str) -> Result<()> {
+        use k8s_openapi::api::core::v1::Pod;
+        let api: Api<Pod> = Api::namespaced(self.kube.clone(), namespace);
+        let selector =
+            kube::api::ListParams::default().labels(&format!("app.kubernetes.io/name={app}"));
+        api.delete_collection(&DeleteParams::default(), &selector)
+            .await
+            .with_context(|| format!("deleting pods of {app} in {namespace}"))?;
+        Ok(())
+    }
+
+    /// `Config.Version` of the Consul agent the suite talks to.
+    pub async fn consul_version(&self) -> Result<String> {
+        let call = Call::new(reqwest::Method::GET, "/v1/agent/self", "read agent");
+        let agent: serde_json::Value = self.consul.get_json(call).await?;
+        Ok(agent["Config"]["Version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+}
+
+fn deployment_name(service: Service) -> &'static str {
+    match service {
+        Service::Watcher => "smi-watcher",
+        Service::Translator => "smi-translator",
+        Service::Writer => "consul-writer",
     }
 }
 

@@ -146,9 +146,12 @@ async fn v1alpha3_target_with_tcproute_grants_each_source() -> Result<()> {
     Ok(())
 }
 
+/// Legacy Consul (the local harness' 1.8.7): withheld with a diagnostic. Modern Consul (kind's
+/// 1.16 with `--consul-api modern`): an L7 intention with the route's permission.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_route_group_on_legacy_consul_is_withheld_with_a_diagnostic() -> Result<()> {
+async fn http_route_group_is_l7_on_modern_and_withheld_on_legacy_consul() -> Result<()> {
     let env = E2eEnv::start().await?;
+    let legacy = env.consul_version().await?.starts_with("1.8");
     let s = suffix();
     let (api, prom, sentinel) = (
         format!("api-{s}"),
@@ -179,6 +182,21 @@ spec:
     env.apply(&tcp_target(&format!("sentinel-tt-{s}"), &api, &[&sentinel]))
         .await?;
     wait_allowed(&env, &sentinel, &api).await?;
+    if !legacy {
+        let entry = env
+            .config_entry("service-intentions", &api)
+            .await?
+            .context("service-intentions entry")?;
+        let source = entry["Sources"]
+            .as_array()
+            .and_then(|sources| sources.iter().find(|s| s["Name"] == prom.as_str()))
+            .with_context(|| format!("{prom} in {entry}"))?;
+        assert_eq!(
+            source["Permissions"][0]["HTTP"]["PathRegex"], "^/metrics",
+            "{source}"
+        );
+        return Ok(());
+    }
     let rows = env.intentions().await?;
     assert!(
         !rows.iter().any(|r| r.source == prom),

@@ -1,6 +1,7 @@
 //! Developer commands: `cargo xtask <command>`.
 
 mod demo;
+mod e2e_kind;
 mod gen_crds;
 
 use clap::{Parser, Subcommand};
@@ -18,11 +19,14 @@ enum Command {
     GenCrds(gen_crds::Args),
     /// Run the product end to end: real Consul + the three services on deploy/examples/.
     Demo(demo::Args),
+    /// Run the e2e suite in a kind cluster (needs Docker, kind, kubectl, helm).
+    E2eKind(e2e_kind::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::GenCrds(args) => gen_crds::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::E2eKind(args) => e2e_kind::run(args),
     }
 }
