@@ -246,8 +246,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
-
+    // 256 cases by default; PROPTEST_CASES=N for a longer soak.
     #[test]
     fn result_is_independent_of_input_order(
         (objects, shuffled) in objects().prop_flat_map(|o| (Just(o.clone()), Just(o).prop_shuffle())),
