@@ -49,15 +49,14 @@ pub struct Owner {
 }
 
 impl Owner {
+    /// `id`: 1..=512 bytes of `A-Z a-z 0-9 . _ - : /` (it goes into Meta values, into a
+    /// `Description` tag and into a `?filter=` expression unescaped).
     pub fn new(id: impl Into<String>) -> Result<Self, ConsulError> {
         let id = id.into();
-        if id.is_empty()
-            || id.len() > META_VALUE_MAX
-            || id.contains(']')
-            || id.contains(char::is_whitespace)
-        {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "._-:/".contains(c);
+        if id.is_empty() || id.len() > META_VALUE_MAX || !id.chars().all(allowed) {
             return Err(ConsulError::Config(format!(
-                "writer id {id:?} must be 1..={META_VALUE_MAX} bytes without whitespace or ']'"
+                "writer id {id:?} must be 1..={META_VALUE_MAX} characters of A-Z a-z 0-9 . _ - : /"
             )));
         }
         Ok(Owner { id })
@@ -177,6 +176,8 @@ mod tests {
         assert!(Owner::new("").is_err());
         assert!(Owner::new("a b").is_err());
         assert!(Owner::new("a]").is_err());
+        assert!(Owner::new("a\"b").is_err());
+        assert!(Owner::new("cluster-a.prod/writer_1").is_ok());
         assert!(Owner::new("x".repeat(513)).is_err());
     }
 
