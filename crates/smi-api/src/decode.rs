@@ -94,6 +94,24 @@ pub(crate) fn decode_typed<V: Versioned>(
             "required field is missing",
         ));
     }
+    // The API server enforces these; a directory of manifests has no one else to. A name is
+    // part of every diagnostic and Consul description, and `/` or `*` in it would mislead.
+    if let Some(name) = metadata.name.as_deref().filter(|n| !n.is_empty())
+        && let Some(problem) = dns_subdomain_problem(name)
+    {
+        return Err(FieldError::invalid(
+            "metadata.name",
+            format!("not a valid object name: {problem}"),
+        ));
+    }
+    if let Some(namespace) = metadata.namespace.as_deref().filter(|n| !n.is_empty())
+        && let Some(problem) = dns_label_problem(namespace)
+    {
+        return Err(FieldError::invalid(
+            "metadata.namespace",
+            format!("not a valid namespace: {problem}"),
+        ));
+    }
 
     let body = match V::TOP_LEVEL_FIELDS {
         Some(fields) => {
@@ -151,6 +169,51 @@ pub(crate) fn decode_typed<V: Versioned>(
         }
     };
     Ok(V::assemble(metadata, body))
+}
+
+/// Why `name` is not an RFC 1123 label (what Kubernetes requires of a namespace), if it is not.
+fn dns_label_problem(name: &str) -> Option<String> {
+    if name.len() > 63 {
+        return Some(format!("longer than 63 characters ({})", name.len()));
+    }
+    if name.is_empty() {
+        return Some("empty".to_string());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Some(format!(
+            "{c:?} is not allowed (RFC 1123 label: lower-case letters, digits and '-')"
+        ));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Some("must start and end with a letter or digit".to_string());
+    }
+    None
+}
+
+/// Why `name` is not an RFC 1123 subdomain (what Kubernetes requires of a custom resource's
+/// name), if it is not.
+fn dns_subdomain_problem(name: &str) -> Option<String> {
+    if name.len() > 253 {
+        return Some(format!("longer than 253 characters ({})", name.len()));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '.'))
+    {
+        return Some(format!(
+            "{c:?} is not allowed (RFC 1123 subdomain: lower-case letters, digits, '-' and '.')"
+        ));
+    }
+    name.split('.').find_map(|label| {
+        if label.is_empty() {
+            Some("empty part between dots".to_string())
+        } else {
+            dns_label_problem(label)
+        }
+    })
 }
 
 struct DecodeVisitor<'a> {
@@ -325,13 +388,19 @@ pub fn decode_manifests(yaml: &str) -> Vec<Result<SmiObject, DecodeError>> {
         // Leading blank lines change nothing in YAML but make the parser's line numbers
         // count from the top of the whole file.
         let padded = format!("{}{document}", "\n".repeat(first_line));
-        let value: Value = match serde_saphyr::from_str(&padded) {
+        let value: Value = match serde_saphyr::from_str_with_options(&padded, yaml_options()) {
             Ok(v) => v,
             Err(e) => {
-                results.push(Err(with_doc(DecodeError::new(
+                let message = e.to_string();
+                let message = first_line_of(&message);
+                let mut error = DecodeError::new(
                     DecodeErrorKind::Syntax,
-                    format!("invalid YAML: {}", first_line_of(&e.to_string())),
-                ))));
+                    format!("invalid YAML: {}", without_parser_advice(message)),
+                );
+                if message.contains("duplicate mapping key") {
+                    name_object_despite_duplicate_keys(&padded, &mut error);
+                }
+                results.push(Err(with_doc(error)));
                 continue;
             }
         };
@@ -392,6 +461,38 @@ fn split_documents(yaml: &str) -> Vec<(usize, &str)> {
             })
         })
         .collect()
+}
+
+/// How manifests are parsed. Duplicate keys are an error: Kubernetes' own YAML decoding
+/// rejects them, and last-wins would let a second `sources:` silently replace the first. The
+/// default budget bounds aliases ("billion laughs"), nesting depth (64) and node count per
+/// document, so hostile input fails fast instead of exhausting memory or the stack.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
+    options
+}
+
+/// Adds kind/namespace/name to a duplicate-key error, read from a lenient second parse (the
+/// error itself still stands: the object is not used).
+fn name_object_despite_duplicate_keys(document: &str, error: &mut DecodeError) {
+    let mut lenient = yaml_options();
+    lenient.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::FirstWins;
+    if let Ok(value) = serde_saphyr::from_str_with_options::<Value>(document, lenient) {
+        let id = Identity::of(&value);
+        error.kind = id.kind;
+        error.namespace = id.namespace;
+        error.name = id.name;
+        error.api_version = id.api_version;
+    }
+}
+
+/// The parser addresses its caller ("set DuplicateKeyPolicy in Options if acceptable"); a
+/// user editing a manifest cannot act on that.
+fn without_parser_advice(message: &str) -> &str {
+    message
+        .split_once(", set DuplicateKeyPolicy")
+        .map_or(message, |(before, _)| before)
 }
 
 /// The parser's one-line summary (it appends a source snippet on further lines).

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use consul_smi_api::*;
 use proptest::prelude::*;
 
+/// An RFC 1123 label, as Kubernetes requires of names and namespaces.
 fn name() -> impl Strategy<Value = String> {
-    "[a-z][a-z0-9-]{0,10}"
+    "[a-z]([a-z0-9-]{0,9}[a-z0-9])?"
 }
 
 fn meta() -> impl Strategy<Value = Meta> {
