@@ -20,9 +20,18 @@ pub const DESTINATION_PORT_ANNOTATION: &str = "consul-smi.io/destination-port";
 /// this annotation, which keeps proportions and the original values exact.
 pub const WEIGHTS_IN_MILLIS_ANNOTATION: &str = "consul-smi.io/weights-in-millis";
 
+/// specs v1alpha4 TCPRoute `spec.matches` (ports) has no field before v1alpha4. The API
+/// server converts every stored object into every served version (its per-version watch
+/// caches), so a conversion that fails is retried forever and breaks listing that version:
+/// the ports travel in this annotation (JSON `{"name":..,"ports":[..]}`) instead.
+pub const PORT_MATCH_ANNOTATION: &str = "consul-smi.io/port-match";
+
 /// Annotations owned by conversion; a conversion rewrites them and leaves all others alone.
-pub const CONVERSION_ANNOTATIONS: [&str; 2] =
-    [DESTINATION_PORT_ANNOTATION, WEIGHTS_IN_MILLIS_ANNOTATION];
+pub const CONVERSION_ANNOTATIONS: [&str; 3] = [
+    DESTINATION_PORT_ANNOTATION,
+    WEIGHTS_IN_MILLIS_ANNOTATION,
+    PORT_MATCH_ANNOTATION,
+];
 
 pub(crate) fn meta_to_hub(meta: &ObjectMeta, api_version: &str) -> hub::Meta {
     hub::Meta {

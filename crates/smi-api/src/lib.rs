@@ -24,7 +24,8 @@ pub mod specs;
 pub mod split;
 
 pub use common::{
-    CONVERSION_ANNOTATIONS, DESTINATION_PORT_ANNOTATION, WEIGHTS_IN_MILLIS_ANNOTATION,
+    CONVERSION_ANNOTATIONS, DESTINATION_PORT_ANNOTATION, PORT_MATCH_ANNOTATION,
+    WEIGHTS_IN_MILLIS_ANNOTATION,
 };
 pub use crd::{CrdConversion, WebhookTarget, crds};
 pub use decode::{

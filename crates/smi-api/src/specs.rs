@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use crate::common::join;
 use crate::error::FieldError;
 use crate::hub;
@@ -233,21 +235,37 @@ fn port_match_from_hub(m: &Option<hub::PortMatch>) -> Option<PortMatch> {
     })
 }
 
-/// Versions before v1alpha4 have no port matches; "all ports" is the only thing they can say.
-fn require_all_ports(
-    m: &Option<hub::PortMatch>,
-    field: &str,
-    version: &str,
-) -> Result<(), FieldError> {
-    match m {
-        Some(m) if !m.ports.is_empty() || m.name.is_some() => Err(FieldError::not_expressible(
-            join(field, "matches"),
-            format!(
-                "specs.smi-spec.io/{version} TCPRoute cannot restrict ports (v1alpha4 added spec.matches)"
-            ),
-        )),
-        _ => Ok(()),
+/// Versions before v1alpha4 have no port matches: a v1alpha4 port restriction read through
+/// them travels in [`PORT_MATCH_ANNOTATION`](crate::common::PORT_MATCH_ANNOTATION).
+fn port_match_to_annotation(m: &Option<hub::PortMatch>, meta: &mut ObjectMeta) {
+    if let Some(m) = m
+        .as_ref()
+        .filter(|m| !m.ports.is_empty() || m.name.is_some())
+    {
+        let value = serde_json::json!({ "name": m.name, "ports": m.ports });
+        crate::common::set_annotation(
+            meta,
+            crate::common::PORT_MATCH_ANNOTATION,
+            value.to_string(),
+        );
     }
+}
+
+fn port_match_from_annotation(meta: &ObjectMeta) -> Result<Option<hub::PortMatch>, FieldError> {
+    let Some(text) = crate::common::annotation(meta, crate::common::PORT_MATCH_ANNOTATION) else {
+        return Ok(None);
+    };
+    let field = format!(
+        "metadata.annotations[{}]",
+        crate::common::PORT_MATCH_ANNOTATION
+    );
+    let parsed: PortMatch = serde_json::from_str(text).map_err(|e| {
+        FieldError::invalid(
+            field.clone(),
+            format!("expected {{\"name\":..,\"ports\":[..]}}: {e}"),
+        )
+    })?;
+    port_match_to_hub(&Some(parsed), &field)
 }
 
 fn expect_http(obj: &hub::SmiObject) -> Result<&hub::HttpRouteGroup, FieldError> {
@@ -340,14 +358,14 @@ macro_rules! empty_tcp_route {
         fn to_hub(r: &TCPRoute, _prefix: &str) -> Result<hub::SmiObject, FieldError> {
             Ok(hub::SmiObject::TcpRoute(hub::TcpRoute {
                 meta: meta_to_hub(&r.metadata, concat!("specs.smi-spec.io/", $version)),
-                matches: None,
+                matches: port_match_from_annotation(&r.metadata)?,
             }))
         }
-        fn from_hub(obj: &hub::SmiObject, prefix: &str) -> Result<TCPRoute, FieldError> {
+        fn from_hub(obj: &hub::SmiObject, _prefix: &str) -> Result<TCPRoute, FieldError> {
             let t = expect_tcp(obj)?;
-            require_all_ports(&t.matches, prefix, $version)?;
             let mut root = TCPRoute::new(&t.meta.name, TCPRouteSpec {});
             root.metadata = meta_from_hub(&t.meta);
+            port_match_to_annotation(&t.matches, &mut root.metadata);
             Ok(root)
         }
     };
