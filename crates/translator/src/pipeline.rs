@@ -12,7 +12,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::SharedIndex;
 use crate::diagnostics::InvalidObjects;
-use crate::writer_link::LinkMessage;
+use crate::writer_link::{LinkMessage, TracedCommand};
 
 pub(crate) struct Pipeline {
     watcher: tonic::transport::Endpoint,
@@ -23,6 +23,11 @@ pub(crate) struct Pipeline {
     batch_window: Duration,
     /// Resume point: (epoch, last revision seen).
     position: Option<(String, u64)>,
+}
+
+enum Handled {
+    Commands(Vec<Command>),
+    SyncNeeded,
 }
 
 /// A snapshot being received; applied to the index only once complete so that a stream cut
@@ -86,7 +91,7 @@ impl Pipeline {
         info!(resume = ?self.position, "subscribed to smi-watcher");
 
         let mut snapshot: Option<PendingSnapshot> = None;
-        let mut batch: Vec<Command> = Vec::new();
+        let mut batch: Vec<TracedCommand> = Vec::new();
         let mut batch_deadline: Option<Instant> = None;
         loop {
             let next = match batch_deadline {
@@ -121,12 +126,65 @@ impl Pipeline {
         &mut self,
         event: v1::WatchEvent,
         snapshot: &mut Option<PendingSnapshot>,
-    ) -> Vec<Command> {
+    ) -> Vec<TracedCommand> {
         let revision = event.revision;
         let epoch = event.epoch.clone();
-        let span = info_span!("translate", revision, epoch = %epoch);
-        let _entered = span.enter();
-        let commands = match event.event {
+        let span = info_span!(
+            "translate",
+            revision,
+            epoch = %epoch,
+            kind = tracing::field::Empty,
+            namespace = tracing::field::Empty,
+            name = tracing::field::Empty
+        );
+        // The watcher started this change's trace; translation and the commands it yields
+        // continue it.
+        if let Some(trace) = &event.trace {
+            consul_smi_telemetry::set_parent(
+                &span,
+                &consul_smi_telemetry::TraceContext {
+                    traceparent: trace.traceparent.clone(),
+                    tracestate: trace.tracestate.clone(),
+                },
+            );
+        }
+        let handled = span.in_scope(|| self.handle_in_span(event.event, snapshot));
+        self.position = Some((epoch, revision));
+        match handled {
+            Handled::Commands(commands) => {
+                let trace = consul_smi_telemetry::span_context(&span).map(|t| v1::TraceContext {
+                    traceparent: t.traceparent,
+                    tracestate: t.tracestate,
+                });
+                commands
+                    .into_iter()
+                    .map(|command| TracedCommand {
+                        command,
+                        trace: trace.clone(),
+                    })
+                    .collect()
+            }
+            Handled::SyncNeeded => {
+                // A fresh snapshot may follow a gap (our restart, the watcher's, lost
+                // commands): a full Sync makes Consul exactly the desired state.
+                let _ = self.to_writer.send(LinkMessage::Sync).await;
+                Vec::new()
+            }
+        }
+    }
+
+    fn handle_in_span(
+        &mut self,
+        event: Option<Event>,
+        snapshot: &mut Option<PendingSnapshot>,
+    ) -> Handled {
+        let record = |object: &ObjectRef| {
+            let span = tracing::Span::current();
+            span.record("kind", object.kind.as_str());
+            span.record("namespace", object.namespace.as_str());
+            span.record("name", object.name.as_str());
+        };
+        let commands = match event {
             Some(Event::SnapshotBegin(begin)) => {
                 debug!(reason = begin.reason, "snapshot begins");
                 *snapshot = Some(PendingSnapshot {
@@ -142,7 +200,10 @@ impl Pipeline {
                         Vec::new()
                     }
                     None => {
-                        self.invalid.clear(&object.object_ref());
+                        let object_ref = object.object_ref();
+                        record(&object_ref);
+                        self.invalid.clear(&object_ref);
+                        let _index = info_span!("index_apply").entered();
                         self.index
                             .write()
                             .expect("index lock poisoned")
@@ -156,7 +217,9 @@ impl Pipeline {
             },
             Some(Event::Deleted(deleted)) => match decode_ref(deleted.object) {
                 Ok(object) if snapshot.is_none() => {
+                    record(&object);
                     self.invalid.clear(&object);
+                    let _index = info_span!("index_delete").entered();
                     self.index
                         .write()
                         .expect("index lock poisoned")
@@ -191,26 +254,22 @@ impl Pipeline {
                         "snapshot complete"
                     );
                     self.invalid.replace(pending.invalid);
-                    let commands = self
+                    // The reset's own commands are superseded by the full Sync that follows.
+                    let _ = self
                         .index
                         .write()
                         .expect("index lock poisoned")
                         .reset(pending.objects);
-                    // A fresh snapshot may follow a gap (our restart, the watcher's, lost
-                    // commands): a full Sync makes Consul exactly the desired state.
-                    let _ = self.to_writer.send(LinkMessage::Sync).await;
-                    drop(commands);
-                    Vec::new()
+                    return Handled::SyncNeeded;
                 }
                 None => Vec::new(),
             },
             None => Vec::new(),
         };
-        self.position = Some((epoch, revision));
-        commands
+        Handled::Commands(commands)
     }
 
-    async fn flush(&mut self, batch: &mut Vec<Command>) {
+    async fn flush(&mut self, batch: &mut Vec<TracedCommand>) {
         if batch.is_empty() {
             return;
         }

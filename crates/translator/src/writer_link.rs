@@ -13,8 +13,14 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::SharedIndex;
 
 pub(crate) enum LinkMessage {
-    Commands(Vec<Command>),
+    Commands(Vec<TracedCommand>),
     Sync,
+}
+
+/// A command with the trace context of the change it came from.
+pub(crate) struct TracedCommand {
+    pub(crate) command: Command,
+    pub(crate) trace: Option<v1::TraceContext>,
 }
 
 pub(crate) struct WriterLink {
@@ -115,19 +121,35 @@ impl WriterLink {
         Ok(self.client.as_mut().expect("client just set"))
     }
 
-    async fn apply(&mut self, commands: Vec<Command>) -> Result<(), tonic::Status> {
+    async fn apply(&mut self, commands: Vec<TracedCommand>) -> Result<(), tonic::Status> {
         if commands.is_empty() {
             return Ok(());
         }
         let span = info_span!("apply_batch", commands = commands.len());
+        // One batch may carry several changes: the batch links to each originating trace,
+        // and each command keeps its own trace context for the writer's spans.
+        let mut linked = std::collections::BTreeSet::new();
+        for trace in commands.iter().filter_map(|c| c.trace.as_ref()) {
+            if linked.insert(trace.traceparent.clone()) {
+                consul_smi_telemetry::add_link(
+                    &span,
+                    &consul_smi_telemetry::TraceContext {
+                        traceparent: trace.traceparent.clone(),
+                        tracestate: trace.tracestate.clone(),
+                    },
+                );
+            }
+        }
         let wire: Vec<v1::Command> = commands
-            .iter()
-            .map(|command| {
+            .into_iter()
+            .map(|traced| {
                 self.next_command_id += 1;
-                consul_smi_grpc::writer::command_to_wire(
+                let mut command = consul_smi_grpc::writer::command_to_wire(
                     format!("c{}", self.next_command_id),
-                    command,
-                )
+                    &traced.command,
+                );
+                command.trace = traced.trace;
+                command
             })
             .collect();
         let client = self.client().await?;
