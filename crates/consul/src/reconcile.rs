@@ -931,7 +931,12 @@ impl Reconciler {
             namespace: ns_norm(intention.key.source.namespace.as_deref()).map(str::to_string),
             action,
             permissions,
-            description: self.owner.tag_description(&intention.description),
+            // Upstream validates source descriptions against the legacy 512-byte limit too.
+            description: truncate_bytes(
+                &self.owner.tag_description(&intention.description),
+                DESCRIPTION_MAX,
+            )
+            .to_string(),
             legacy_meta: None,
             extra: Default::default(),
         }

@@ -546,3 +546,24 @@ async fn https_with_a_ca_and_a_client_certificate() {
     let err = ConsulClient::new(&missing).unwrap_err().to_string();
     assert!(err.contains("CONSUL_CACERT"), "{err}");
 }
+
+#[tokio::test]
+async fn long_descriptions_are_cut_to_consuls_limit_and_stay_idempotent() {
+    let agent = ConsulAgent::start(ConsulAgentOptions::default()).expect("Consul must start");
+    let r = reconciler(&agent, None, "w1");
+    let mut long = allow("web", "api");
+    long.description = "granted by ".to_string() + &"é".repeat(300);
+    let reports = r.apply(&[Command::UpsertIntention(long.clone())]).await;
+    assert_eq!(reports[0].outcome, Outcome::Applied, "{reports:?}");
+    let list = intentions(&agent);
+    let stored = find(&list, "web", "api").unwrap()["Description"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        stored.len() <= 512 && stored.starts_with("granted by é"),
+        "{stored}"
+    );
+    let reports = r.apply(&[Command::UpsertIntention(long)]).await;
+    assert_eq!(reports[0].outcome, Outcome::Unchanged, "{reports:?}");
+}

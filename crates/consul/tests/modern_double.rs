@@ -111,6 +111,26 @@ async fn l4_and_l7_sources_are_written_into_one_entry_per_destination() {
     );
     assert!(entry["Sources"][1].get("Action").is_none());
 
+    // Long descriptions are cut to Consul's 512 bytes, keeping the ownership tag.
+    let mut long = allow("long", "api");
+    long.description = "é".repeat(400);
+    let reports = r.apply(&[Command::UpsertIntention(long.clone())]).await;
+    assert_eq!(reports[0].change, Change::Created, "{reports:?}");
+    let stored = double.entry("service-intentions", "api").unwrap()["Sources"][2]["Description"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        stored.len() <= 512 && stored.starts_with("[consul-smi:w1] é"),
+        "{stored}"
+    );
+    assert_eq!(
+        r.apply(&[Command::UpsertIntention(long)]).await[0].outcome,
+        Outcome::Unchanged
+    );
+    r.apply(&[Command::DeleteIntention(key("long", "api"))])
+        .await;
+
     // Idempotent: nothing is written the second time.
     let writes = double.writes();
     let reports = r
