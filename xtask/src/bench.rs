@@ -1,0 +1,182 @@
+//! `cargo xtask bench`: end-to-end figures on real components (printed, never asserted).
+//! Builds `consul-smi` in release mode, starts the local harness (real API server, real
+//! Consul 1.8.7, the three services as processes) and measures:
+//! - change → Consul propagation for single TrafficTargets (p50/p99), with trace export off
+//!   and on (to an in-process OTLP receiver), which gives the tracing overhead;
+//! - total convergence time for N TrafficTargets written at once (default 10,000).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use consul_smi_e2e::env::{E2eEnv, LocalOptions};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Single changes measured per run.
+    #[arg(long, default_value_t = 200)]
+    pub singles: usize,
+    /// TrafficTargets written at once for the convergence figure.
+    #[arg(long, default_value_t = 10_000)]
+    pub bulk: usize,
+    /// Concurrent writes to the API server during the bulk run.
+    #[arg(long, default_value_t = 16)]
+    pub write_concurrency: usize,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    println!("== building consul-smi (release)");
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--quiet", "-p", "consul-smi"])
+            .current_dir(&root)
+            .status()?;
+    if !status.success() {
+        bail!("cargo build --release -p consul-smi failed");
+    }
+    // SAFETY: no other threads yet.
+    unsafe {
+        std::env::set_var("CONSUL_SMI_BIN", root.join("target/release/consul-smi"));
+        if std::env::var_os("CONSUL_SMI_TEST_LOG").is_none() {
+            std::env::set_var("CONSUL_SMI_TEST_LOG", "error");
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let off = singles("export off", LocalOptions::default(), args.singles).await?;
+        let receiver = consul_smi_telemetry::testing::OtlpReceiver::start().await?;
+        let traced = LocalOptions {
+            env: vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), receiver.endpoint()),
+                ("OTEL_BSP_SCHEDULE_DELAY".into(), "200".into()),
+            ],
+            ..LocalOptions::default()
+        };
+        let on = singles("export on", traced, args.singles).await?;
+        println!(
+            "tracing overhead on single-change propagation: p50 {:+.2} ms, p99 {:+.2} ms ({} spans received)",
+            ms(on.0) - ms(off.0),
+            ms(on.1) - ms(off.1),
+            receiver.spans().len()
+        );
+        bulk(args.bulk, args.write_concurrency).await
+    })
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+fn target(name: &str, destination: &str, source: &str) -> String {
+    format!(
+        "apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {{name: {name}, namespace: default}}
+spec:
+  destination: {{kind: ServiceAccount, name: {destination}, namespace: default}}
+  rules:
+  - {{kind: TCPRoute, name: bench-tcp}}
+  sources:
+  - {{kind: ServiceAccount, name: {source}, namespace: default}}
+"
+    )
+}
+
+const ROUTE: &str = "apiVersion: specs.smi-spec.io/v1alpha4
+kind: TCPRoute
+metadata: {name: bench-tcp, namespace: default}
+spec: {}
+";
+
+/// Returns (p50, p99) of write → intention visible in Consul.
+async fn singles(label: &str, options: LocalOptions, count: usize) -> Result<(Duration, Duration)> {
+    let env = E2eEnv::start_with(options).await?;
+    env.apply(ROUTE).await?;
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count {
+        let (source, destination) = (format!("src-{i}"), format!("dst-{i}"));
+        let start = Instant::now();
+        env.apply(&target(&format!("single-{i}"), &destination, &source))
+            .await?;
+        loop {
+            if env
+                .intentions()
+                .await?
+                .iter()
+                .any(|r| r.source == source && r.destination == destination)
+            {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("single change {i} did not reach Consul within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        samples.push(start.elapsed());
+    }
+    samples.sort();
+    let p50 = samples[samples.len() / 2];
+    let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
+    println!(
+        "single change -> Consul ({label}, {count} changes, includes the API server write): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(p50),
+        ms(p99),
+        ms(*samples.last().unwrap())
+    );
+    Ok((p50, p99))
+}
+
+async fn bulk(count: usize, concurrency: usize) -> Result<()> {
+    let env = E2eEnv::start().await?;
+    env.apply(ROUTE).await?;
+    let start = Instant::now();
+    let manifests: Vec<String> = (0..count)
+        .map(|i| {
+            target(
+                &format!("bulk-{i}"),
+                &format!("bulk-dst-{}", i % 100),
+                &format!("bulk-src-{i}"),
+            )
+        })
+        .collect();
+    let env_ref = &env;
+    use futures::StreamExt;
+    let results: Vec<Result<()>> = futures::stream::iter(manifests.iter())
+        .map(|manifest| async move { env_ref.apply(manifest).await })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    let written = start.elapsed();
+    let mut seen: BTreeSet<String>;
+    loop {
+        seen = env
+            .intentions()
+            .await?
+            .into_iter()
+            .filter(|r| r.source.starts_with("bulk-src-"))
+            .map(|r| r.source)
+            .collect();
+        if seen.len() >= count {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(1800) {
+            bail!("only {} of {count} intentions after 30 minutes", seen.len());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let converged = start.elapsed();
+    println!(
+        "bulk: {count} TrafficTargets written to the API server in {:.1} s; all {count} intentions in Consul after {:.1} s ({:.0} intentions/s end to end)",
+        written.as_secs_f64(),
+        converged.as_secs_f64(),
+        count as f64 / converged.as_secs_f64()
+    );
+    Ok(())
+}
