@@ -7,7 +7,8 @@
 //!   config-entry writes, so the mark is a prefix of the source's `Description`:
 //!   `[consul-smi:<writer id>] <description>`. Sources migrated by Consul from our legacy
 //!   intentions keep our `Meta` as `LegacyMeta`; those count as ours too.
-//! - The entry's own `Meta` says who created the entry (and may delete it once empty).
+//! - The entry's own `Meta` says who created the entry. Consul refuses an entry with no
+//!   sources, so removing the last source deletes the entry whoever created it.
 
 use std::collections::BTreeMap;
 

@@ -1139,18 +1139,14 @@ impl Reconciler {
             return (None, reports);
         }
         work.strip_read_only();
-        let write = if work.sources.is_empty() {
-            match entry {
-                // Created and removed within one batch: nothing to write.
-                None => None,
-                // Only the entry's creator removes it; an operator's entry stays, emptied of ours.
-                Some(e) if self.owner.judge_meta(Some(&e.meta)) == Ownership::Ours => {
-                    Some(EntryWrite::Delete(cas))
-                }
-                Some(_) => Some(EntryWrite::Put(work, cas)),
-            }
-        } else {
-            Some(EntryWrite::Put(work, cas))
+        // Consul refuses an entry without sources ("At least one source is required"), so
+        // removing the last source (necessarily ours: only ours are removed) deletes the entry,
+        // even one an operator created. Its Meta held nothing but labels for those sources.
+        let write = match (work.sources.is_empty(), entry) {
+            // Created and removed within one batch: nothing to write.
+            (true, None) => None,
+            (true, Some(_)) => Some(EntryWrite::Delete(cas)),
+            (false, _) => Some(EntryWrite::Put(work, cas)),
         };
         (write, reports)
     }

@@ -209,6 +209,22 @@ async fn shared_entries_keep_foreign_sources_meta_and_unknown_fields() {
     let entry = double.entry("service-intentions", "api").unwrap();
     assert_eq!(entry["Sources"].as_array().unwrap().len(), 1);
     assert_eq!(entry["Sources"][0]["Name"], "ops");
+
+    // If only our source is left in the operator's entry, removing it removes the entry:
+    // Consul refuses an entry without sources.
+    r.apply(&[Command::UpsertIntention(allow("web", "api"))])
+        .await;
+    let mut entry = double.entry("service-intentions", "api").unwrap();
+    entry["Sources"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|s| s["Name"] != "ops");
+    double.put_raw(entry);
+    let reports = r
+        .apply(&[Command::DeleteIntention(key("web", "api"))])
+        .await;
+    assert_eq!(reports[0].change, Change::Deleted, "{reports:?}");
+    assert!(double.entry("service-intentions", "api").is_none());
 }
 
 #[tokio::test]

@@ -10,7 +10,8 @@
 //! - Unknown fields are rejected with 400 `invalid config key`; service-intentions sources
 //!   are validated (Action xor Permissions, HTTP match rules, no Permissions on a wildcard
 //!   destination, L7 needs an http-family protocol, legacy fields must be omitted, no
-//!   duplicate sources); Consul fills `Precedence` and `Type` on read.
+//!   duplicate sources, at least one source, 512-byte descriptions); Consul fills
+//!   `Precedence` and `Type` on read.
 //! - Faults for tests: N transient 500s (`No cluster leader`), a concurrent write injected
 //!   just before the next CAS write, and an ACL token requirement (403 otherwise).
 
@@ -434,6 +435,9 @@ fn protocol_of(entries: &Entries, service: &str) -> String {
 
 fn validate_intentions(entries: &Entries, name: &str, entry: &Value) -> Result<(), String> {
     let sources = entry["Sources"].as_array().cloned().unwrap_or_default();
+    if sources.is_empty() {
+        return Err("At least one source is required".into());
+    }
     let mut seen = std::collections::BTreeSet::new();
     for (i, source) in sources.iter().enumerate() {
         let Some(object) = source.as_object() else {
@@ -447,7 +451,6 @@ fn validate_intentions(entries: &Entries, name: &str, entry: &Value) -> Result<(
             "LegacyMeta",
             "LegacyCreateTime",
             "LegacyUpdateTime",
-            "Precedence",
         ] {
             if object.get(legacy).is_some_and(|v| !v.is_null()) {
                 return Err(format!("Sources[{i}].{legacy} must be omitted"));
