@@ -11,7 +11,7 @@ pub struct WriterConfig {
     #[arg(
         long = "listen",
         env = "CONSUL_SMI_WRITER_LISTEN",
-        default_value = "127.0.0.1:50052"
+        default_value = "0.0.0.0:7403"
     )]
     pub listen: SocketAddr,
 
@@ -57,7 +57,7 @@ impl WriterConfig {
     /// Defaults (no environment) for a Consul at `consul_address`; for tests and embedding.
     pub fn for_consul(consul_address: impl Into<String>) -> Self {
         WriterConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            listen: SocketAddr::from(([0, 0, 0, 0], 7403)),
             writer_id: "consul-smi".into(),
             write_concurrency: 16,
             drift_repair: true,
