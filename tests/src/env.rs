@@ -58,6 +58,8 @@ pub struct LocalOptions {
     pub translator_args: Vec<String>,
     /// Extra environment for every service.
     pub env: Vec<(String, String)>,
+    /// Start the translator with `--kube-events` against the local API server.
+    pub kube_events: bool,
 }
 
 impl E2eEnv {
@@ -126,6 +128,13 @@ impl E2eEnv {
             cert.key_path.display().to_string(),
         ];
         pipeline_options.translator_args = options.translator_args;
+        if options.kube_events {
+            pipeline_options.translator_args.extend([
+                "--kube-events".to_string(),
+                "--kubeconfig".to_string(),
+                apiserver.kubeconfig_path().display().to_string(),
+            ]);
+        }
         pipeline_options.env = options.env;
         let pipeline = Pipeline::start(pipeline_options)
             .await

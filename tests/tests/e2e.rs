@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use consul_smi_e2e::env::{Component, E2eEnv, IntentionRow, eventually};
+use consul_smi_e2e::env::{Component, E2eEnv, IntentionRow, LocalOptions, eventually};
 use consul_smi_e2e::services::Service;
 use consul_smi_grpc::v1;
 
@@ -437,4 +437,57 @@ async fn api_server_restart_loses_nothing() -> Result<()> {
         .await?;
     wait_gone(&env, &web, &api).await?;
     Ok(())
+}
+
+/// Diagnostics become Kubernetes Events where the cluster serves them (kind); where it does
+/// not (the local API server serves only CRDs), the translator keeps working without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnostics_become_kubernetes_events_where_served() -> Result<()> {
+    let env = E2eEnv::start_with(LocalOptions {
+        kube_events: true,
+        ..LocalOptions::default()
+    })
+    .await?;
+    let s = suffix();
+    let (api, web, sentinel) = (
+        format!("api-{s}"),
+        format!("web-{s}"),
+        format!("sentinel-{s}"),
+    );
+    let manifests = tcp_target(&format!("no-route-{s}"), &api, &[&web]);
+    let (_, target) = manifests.split_once("---").context("two documents")?;
+    env.apply(target).await?;
+    env.apply(&tcp_target(&format!("sentinel-tt-{s}"), &api, &[&sentinel]))
+        .await?;
+    wait_allowed(&env, &sentinel, &api).await?;
+    let events_api = env
+        .kube
+        .request_text(http_get("/apis/events.k8s.io/v1")?)
+        .await;
+    if env.is_local() {
+        assert!(
+            events_api.is_err(),
+            "the local API server is expected not to serve Events"
+        );
+        return Ok(());
+    }
+    use k8s_openapi::api::events::v1::Event;
+    let events: kube::Api<Event> = kube::Api::namespaced(env.kube.clone(), "default");
+    let name = format!("no-route-{s}");
+    eventually(
+        "an Event on the TrafficTarget naming the missing route",
+        CONVERGE,
+        || async {
+            let list = events.list(&Default::default()).await?;
+            Ok(list.items.iter().any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+                    && e.reason.as_deref() == Some("RouteNotFound")
+            }))
+        },
+    )
+    .await
+}
+
+fn http_get(path: &str) -> Result<http::Request<Vec<u8>>> {
+    Ok(http::Request::get(path).body(Vec::new())?)
 }

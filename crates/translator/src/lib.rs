@@ -4,6 +4,7 @@
 //! the three services converge with nothing lost and nothing duplicated.
 
 mod diagnostics;
+mod events;
 mod pipeline;
 mod writer_link;
 
@@ -26,6 +27,8 @@ pub enum TranslatorError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("Kubernetes client for Events: {0}")]
+    Kube(String),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -91,6 +94,12 @@ pub struct TranslatorConfig {
     /// Longest a change waits to be batched with others, in milliseconds.
     #[arg(long, env = "CONSUL_SMI_BATCH_MILLIS", default_value_t = 20)]
     pub batch_millis: u64,
+    /// Publish Kubernetes Events on SMI objects with diagnostics (needs `create` on events).
+    #[arg(long, env = "CONSUL_SMI_KUBE_EVENTS", default_value_t = false)]
+    pub kube_events: bool,
+    /// Kubeconfig for Kubernetes Events; default: $KUBECONFIG, ~/.kube/config, or in-cluster.
+    #[arg(long, env = "CONSUL_SMI_TRANSLATOR_KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
     /// Name this subscriber reports to the watcher.
     #[arg(long, env = "CONSUL_SMI_SUBSCRIBER", default_value = "smi-translator")]
     pub subscriber: String,
@@ -140,6 +149,15 @@ pub async fn serve(
         Duration::from_secs(config.resync_seconds.max(1)),
     );
     let link_task = tokio::spawn(link.run(from_pipeline));
+    let events = match config.kube_events {
+        true => {
+            let client = kube_client(config.kubeconfig.as_deref()).await?;
+            let (sender, receiver) = mpsc::channel(4);
+            tokio::spawn(events::run(client, receiver));
+            Some(sender)
+        }
+        false => None,
+    };
     let pipeline = pipeline::Pipeline::new(
         watcher,
         index.clone(),
@@ -147,6 +165,7 @@ pub async fn serve(
         to_writer,
         config.subscriber.clone(),
         Duration::from_millis(config.batch_millis),
+        events,
     );
     let pipeline_task = tokio::spawn(pipeline.run());
 
@@ -167,6 +186,22 @@ pub async fn serve(
     pipeline_task.abort();
     link_task.abort();
     result.map_err(TranslatorError::from)
+}
+
+async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<kube::Client, TranslatorError> {
+    let error = |e: &dyn std::fmt::Display| TranslatorError::Kube(e.to_string());
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| error(&e))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| error(&e))?
+        }
+        None => kube::Config::infer().await.map_err(|e| error(&e))?,
+    };
+    kube::Client::try_from(config).map_err(|e| error(&e))
 }
 
 fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, TranslatorError> {

@@ -21,6 +21,8 @@ pub(crate) struct Pipeline {
     to_writer: mpsc::Sender<LinkMessage>,
     subscriber: String,
     batch_window: Duration,
+    /// Where current diagnostics go to become Kubernetes Events (when enabled).
+    events: Option<mpsc::Sender<Vec<crate::events::ReportedDiagnostic>>>,
     /// Resume point: (epoch, last revision seen).
     position: Option<(String, u64)>,
 }
@@ -45,6 +47,7 @@ impl Pipeline {
         to_writer: mpsc::Sender<LinkMessage>,
         subscriber: String,
         batch_window: Duration,
+        events: Option<mpsc::Sender<Vec<crate::events::ReportedDiagnostic>>>,
     ) -> Self {
         Pipeline {
             watcher,
@@ -53,6 +56,7 @@ impl Pipeline {
             to_writer,
             subscriber,
             batch_window,
+            events,
             position: None,
         }
     }
@@ -150,6 +154,15 @@ impl Pipeline {
         }
         let handled = span.in_scope(|| self.handle_in_span(event.event, snapshot));
         self.position = Some((epoch, revision));
+        if let Some(events) = &self.events
+            && snapshot.is_none()
+        {
+            let current = crate::events::current_diagnostics(
+                &self.index.read().expect("index lock poisoned"),
+            );
+            // Full: the events task is behind and coalesces to the latest state anyway.
+            let _ = events.try_send(current);
+        }
         match handled {
             Handled::Commands(commands) => {
                 let trace = consul_smi_telemetry::span_context(&span).map(|t| v1::TraceContext {
