@@ -427,8 +427,9 @@ async fn every_fixture_of_every_version_round_trips_through_the_api_server_and_t
             }
         }
     }
-    // Both paths ran: e.g. a v1alpha4 TCPRoute with port matches has no older form.
-    assert!(cross_version_reads > 0 && refused_reads > 0);
+    // Which reads are refused depends on what conversion can carry in annotations; the
+    // expectation above follows `encode_object`, so either count may change with it.
+    assert!(cross_version_reads > 0);
     println!("{cross_version_reads} reads through another version, {refused_reads} refused");
 
     // (b) the watcher's stream carries each object as decode_manifests reads the fixture.

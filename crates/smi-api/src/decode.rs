@@ -465,13 +465,20 @@ fn split_documents(yaml: &str) -> Vec<(usize, &str)> {
 
 /// How manifests are parsed. Duplicate keys are an error: Kubernetes' own YAML decoding
 /// rejects them, and last-wins would let a second `sources:` silently replace the first. The
-/// default budget bounds aliases ("billion laughs"), nesting depth (64) and node count per
-/// document, so hostile input fails fast instead of exhausting memory or the stack.
+/// default budget bounds nesting depth (64) and node count per document, so hostile input
+/// fails instead of exhausting memory or the stack.
 fn yaml_options() -> serde_saphyr::Options {
     let mut options = serde_saphyr::Options::default();
     options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
+    // The default allows a million replayed alias events: an alias bomb ("billion laughs")
+    // then costs about a second of CPU per document before failing, and a file may hold a
+    // thousand documents. An SMI object small enough to write by hand replays far fewer.
+    options.alias_limits.max_total_replayed_events = MAX_REPLAYED_ALIAS_EVENTS;
     options
 }
+
+/// Alias events one manifest document may replay (see [`yaml_options`]).
+const MAX_REPLAYED_ALIAS_EVENTS: usize = 10_000;
 
 /// Adds kind/namespace/name to a duplicate-key error, read from a lenient second parse (the
 /// error itself still stands: the object is not used).

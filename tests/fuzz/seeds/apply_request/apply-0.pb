@@ -1,0 +1,5 @@
+
+1
+c0+
+
+webapi"consul-smi: default/web

@@ -1,0 +1,7 @@
+
+@
+c1:
+
+webapi$
+"/metrics"GET*
+x-canary1"l7

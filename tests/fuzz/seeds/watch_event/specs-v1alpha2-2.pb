@@ -1,0 +1,5 @@
+
+e1"6
+42
+0
+default	tcp-route:specs.smi-spec.io/v1alpha2
