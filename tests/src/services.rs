@@ -194,26 +194,55 @@ impl Pipeline {
     }
 }
 
-/// The `consul-smi` binary that `cargo test --workspace` builds next to the test executables.
-/// `CONSUL_SMI_BIN` overrides it.
+/// The `consul-smi` binary to run: `CONSUL_SMI_BIN`, or else this workspace's, built (once per
+/// test process) with the test's own profile so the e2e suite never runs a stale binary;
+/// `cargo test` does not build other packages' binaries by itself.
 pub fn consul_smi_binary() -> Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     if let Some(path) = std::env::var_os("CONSUL_SMI_BIN") {
         return Ok(PathBuf::from(path));
     }
+    BUILT
+        .get_or_init(|| build_consul_smi().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn build_consul_smi() -> Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
     let exe = std::env::current_exe().context("locating the test executable")?;
-    // target/<profile>/deps/<test> → target/<profile>/consul-smi
+    // target/<profile>/deps/<test> → target/<profile>
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .context("test executable has no profile directory")?;
-    let candidate = profile_dir.join("consul-smi");
-    if candidate.exists() {
-        return Ok(candidate);
+    let release = profile_dir
+        .file_name()
+        .is_some_and(|name| name == "release");
+    let mut cargo =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo
+        .current_dir(workspace)
+        .args(["build", "--quiet", "-p", "consul-smi"]);
+    if release {
+        cargo.arg("--release");
     }
-    bail!(
-        "consul-smi binary not found at {} (run `cargo test --workspace`, or `cargo build -p consul-smi` first, or set CONSUL_SMI_BIN)",
-        candidate.display()
-    )
+    let status = cargo
+        .status()
+        .context("running cargo build -p consul-smi")?;
+    if !status.success() {
+        bail!("cargo build -p consul-smi failed ({status})");
+    }
+    let binary = profile_dir.join("consul-smi");
+    if !binary.exists() {
+        bail!(
+            "cargo build -p consul-smi did not produce {}",
+            binary.display()
+        );
+    }
+    Ok(binary)
 }
 
 pub fn free_addr() -> Result<SocketAddr> {
