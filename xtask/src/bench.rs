@@ -3,7 +3,9 @@
 //! Consul 1.8.7, the three services as processes) and measures:
 //! - change → Consul propagation for single TrafficTargets (p50/p99), with trace export off
 //!   and on (to an in-process OTLP receiver), which gives the tracing overhead;
-//! - total convergence time for N TrafficTargets written at once (default 10,000).
+//! - total convergence time for N TrafficTargets written at once (default 10,000);
+//! - next to two baselines in the same run: a raw Consul intention write (one HTTP request)
+//!   and a raw kube-rs watch (API server write → watch event), the two ends the pipeline joins.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -49,6 +51,7 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        baselines(args.singles).await?;
         let off = singles("export off", LocalOptions::default(), args.singles).await?;
         let receiver = consul_smi_telemetry::testing::OtlpReceiver::start().await?;
         let traced = LocalOptions {
@@ -67,6 +70,82 @@ pub fn run(args: Args) -> Result<()> {
         );
         bulk(args.bulk, args.write_concurrency).await
     })
+}
+
+fn percentiles(label: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    let p50 = samples[samples.len() / 2];
+    let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
+    println!(
+        "{label}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+        ms(p50),
+        ms(p99),
+        ms(*samples.last().unwrap_or(&Duration::ZERO)),
+        samples.len()
+    );
+    (p50, p99)
+}
+
+/// The raw ends of the pipeline on the same machine and run: one Consul intention write, and
+/// one API server write observed through a plain kube-rs watch.
+async fn baselines(count: usize) -> Result<()> {
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    let env = E2eEnv::start().await?;
+    let mut writes = Vec::with_capacity(count);
+    for i in 0..count {
+        let start = Instant::now();
+        env.create_foreign_intention(&format!("raw-src-{i}"), &format!("raw-dst-{i}"), "allow")
+            .await?;
+        writes.push(start.elapsed());
+    }
+    percentiles(
+        "baseline: raw Consul intention write (POST /v1/connect/intentions)",
+        writes,
+    );
+
+    let resource = kube::core::ApiResource {
+        group: "access.smi-spec.io".into(),
+        version: "v1alpha3".into(),
+        api_version: "access.smi-spec.io/v1alpha3".into(),
+        kind: "TrafficTarget".into(),
+        plural: "traffictargets".into(),
+    };
+    let api: kube::Api<kube::core::DynamicObject> =
+        kube::Api::namespaced_with(env.kube.clone(), "default", &resource);
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let watch = tokio::spawn(async move {
+        let mut stream = watcher(api, watcher::Config::default()).boxed();
+        while let Some(event) = stream.next().await {
+            if let Ok(watcher::Event::Apply(object)) = event {
+                let _ = seen_tx.send((object.metadata.name.unwrap_or_default(), Instant::now()));
+            }
+        }
+    });
+    env.apply(ROUTE).await?;
+    let mut delays = Vec::with_capacity(count);
+    for i in 0..count {
+        let name = format!("raw-watch-{i}");
+        let start = Instant::now();
+        env.apply(&target(&name, &format!("w-dst-{i}"), &format!("w-src-{i}")))
+            .await?;
+        loop {
+            let (seen, at) = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
+                .await
+                .context("no watch event within 30 s")?
+                .context("watch ended")?;
+            if seen == name {
+                delays.push(at - start);
+                break;
+            }
+        }
+    }
+    watch.abort();
+    percentiles(
+        "baseline: raw kube-rs watch (API server write -> watch event)",
+        delays,
+    );
+    Ok(())
 }
 
 fn ms(duration: Duration) -> f64 {
@@ -120,16 +199,10 @@ async fn singles(label: &str, options: LocalOptions, count: usize) -> Result<(Du
         }
         samples.push(start.elapsed());
     }
-    samples.sort();
-    let p50 = samples[samples.len() / 2];
-    let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
-    println!(
-        "single change -> Consul ({label}, {count} changes, includes the API server write): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        ms(p50),
-        ms(p99),
-        ms(*samples.last().unwrap())
-    );
-    Ok((p50, p99))
+    Ok(percentiles(
+        &format!("single change -> Consul intention ({label}; API server write included)"),
+        samples,
+    ))
 }
 
 async fn bulk(count: usize, concurrency: usize) -> Result<()> {
