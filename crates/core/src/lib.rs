@@ -18,11 +18,17 @@ pub struct ServiceName {
 
 impl ServiceName {
     pub fn new(name: impl Into<String>) -> Self {
-        ServiceName { namespace: None, name: name.into() }
+        ServiceName {
+            namespace: None,
+            name: name.into(),
+        }
     }
 
     pub fn in_namespace(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        ServiceName { namespace: Some(namespace.into()), name: name.into() }
+        ServiceName {
+            namespace: Some(namespace.into()),
+            name: name.into(),
+        }
     }
 }
 
