@@ -2,7 +2,6 @@
 
 mod offline;
 
-use std::future::Future;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
@@ -123,23 +122,26 @@ async fn serve_admin(admin: AdminArgs, metrics: Metrics) -> Result<()> {
 }
 
 /// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
-fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
-    async {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing the SIGTERM handler");
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops this process");
+                let _ = ctrl_c.await;
             }
         }
-        #[cfg(not(unix))]
-        {
-            let _ = ctrl_c.await;
-        }
-        info!("shutdown signal received");
     }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    info!("shutdown signal received");
 }
