@@ -17,6 +17,10 @@ pub struct Args {
     /// Keep everything running after the demo until Ctrl-C.
     #[arg(long)]
     pub keep_running: bool,
+    /// Run against a local real Kubernetes API server (etcd + apiextensions-apiserver) instead
+    /// of the directory source: manifests are applied to it like `kubectl apply`.
+    #[arg(long)]
+    pub kube: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -38,6 +42,13 @@ pub fn run(args: Args) -> Result<()> {
         if std::env::var_os("CONSUL_SMI_TEST_LOG").is_none() {
             std::env::set_var("CONSUL_SMI_TEST_LOG", "warn");
         }
+    }
+
+    if args.kube {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return runtime.block_on(run_kube(&root, &binary, args.keep_running));
     }
 
     step("starting a Consul dev agent");
@@ -100,6 +111,67 @@ pub fn run(args: Args) -> Result<()> {
         drop(pipeline);
         anyhow::Ok(())
     })?;
+    step("done");
+    Ok(())
+}
+
+/// The same story against a real API server: the watcher uses the kube source and serves the
+/// CRDs' conversion webhook, so the v1alpha1 announcement example is stored as v1alpha3.
+async fn run_kube(root: &Path, binary: &Path, keep_running: bool) -> Result<()> {
+    step(
+        "starting a real API server (etcd + apiextensions-apiserver), Consul, and the three services",
+    );
+    let env = consul_smi_e2e::env::E2eEnv::start().await?;
+    let consul = env
+        .consul_agent()
+        .context("the local harness has a Consul agent")?;
+    let pipeline = env
+        .pipeline()
+        .context("the local harness runs the services")?;
+    println!("Consul {} at {}", consul_version(consul)?, consul.url());
+    println!("(the harness adds an operator-owned `* -> *` deny, as a real cluster would have)");
+
+    step("applying deploy/examples/*.yaml to the API server");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("deploy/examples"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    for file in &files {
+        env.apply(&std::fs::read_to_string(file)?).await?;
+        println!("  applied {}", file.display());
+    }
+    let first = tokio::task::block_in_place(|| {
+        wait_for(consul, |set| set.contains("dashboard -> counting allow"))
+    })?;
+    print_state(consul, &first)?;
+    diagnostics(binary, pipeline)?;
+
+    step("edit: add source `cron` to 02-api-tcp-v1alpha3.yaml and apply it");
+    let text = std::fs::read_to_string(root.join("deploy/examples/02-api-tcp-v1alpha3.yaml"))?;
+    env.apply(&text.replace(
+        "  - {kind: ServiceAccount, name: batch, namespace: default}",
+        "  - {kind: ServiceAccount, name: batch, namespace: default}\n  - {kind: ServiceAccount, name: cron, namespace: default}",
+    ))
+    .await?;
+    let second =
+        tokio::task::block_in_place(|| wait_for(consul, |set| set.contains("cron -> api allow")))?;
+    print_changes(&first, &second);
+
+    step("delete the announcement example (kubectl delete -f 01-dashboard-counting.yaml)");
+    env.delete(&std::fs::read_to_string(
+        root.join("deploy/examples/01-dashboard-counting.yaml"),
+    )?)
+    .await?;
+    let third = tokio::task::block_in_place(|| {
+        wait_for(consul, |set| !set.contains("dashboard -> counting allow"))
+    })?;
+    print_changes(&second, &third);
+
+    if keep_running {
+        step("running until Ctrl-C");
+        let _ = tokio::signal::ctrl_c().await;
+    }
     step("done");
     Ok(())
 }
