@@ -491,3 +491,46 @@ async fn diagnostics_become_kubernetes_events_where_served() -> Result<()> {
 fn http_get(path: &str) -> Result<http::Request<Vec<u8>>> {
     Ok(http::Request::get(path).body(Vec::new())?)
 }
+
+/// `consul-smi plan --live` against the Consul the pipeline wrote: owned intentions are not
+/// planned again, and a key held by an operator's intention is shown as a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_live_shows_only_real_changes_and_conflicts() -> Result<()> {
+    let env = E2eEnv::start().await?;
+    let Some(agent) = env.consul_agent() else {
+        return Ok(()); // kind: Consul's address is not reachable as CONSUL_HTTP_ADDR here
+    };
+    let s = suffix();
+    let (api, web, ops) = (format!("api-{s}"), format!("web-{s}"), format!("ops-{s}"));
+    let applied = tcp_target(&format!("tt-{s}"), &api, &[&web]);
+    env.apply(&applied).await?;
+    wait_allowed(&env, &web, &api).await?;
+    env.create_foreign_intention(&ops, &api, "deny").await?;
+
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("current.yaml"), &applied)?;
+    std::fs::write(
+        dir.path().join("more.yaml"),
+        tcp_target(&format!("more-{s}"), &api, &[&ops]),
+    )?;
+    let output = std::process::Command::new(consul_smi_e2e::services::consul_smi_binary()?)
+        .args(["plan", "--live"])
+        .arg(dir.path())
+        .env("CONSUL_HTTP_ADDR", agent.http_addr())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !stdout.contains(&format!("intention {web} -> {api}")),
+        "already in Consul, not planned again:\n{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("! conflict: intention {ops} -> {api}")),
+        "{stdout}"
+    );
+    Ok(())
+}

@@ -61,8 +61,15 @@ pub struct PlanArgs {
     #[arg(required = true)]
     paths: Vec<PathBuf>,
     /// Manifests of the current state (e.g. the main branch) to plan against; default: nothing.
-    #[arg(long = "from")]
+    #[arg(long = "from", conflicts_with = "live")]
     from: Vec<PathBuf>,
+    /// Plan against the intentions a live Consul holds (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, ...),
+    /// and show which keys are held by objects consul-smi does not own (conflicts).
+    #[arg(long)]
+    live: bool,
+    /// The writer id whose objects count as owned (`--writer-id` of consul-writer).
+    #[arg(long, env = "CONSUL_SMI_WRITER_ID", default_value = "consul-smi")]
+    writer_id: String,
     #[command(flatten)]
     translate: TranslateArgs,
 }
@@ -188,14 +195,31 @@ pub async fn plan(args: &PlanArgs) -> Result<()> {
             problems.len()
         );
     }
-    let previous: DesiredState = if args.from.is_empty() {
+    let next = translate(&objects, &options);
+    let mut conflicts = Vec::new();
+    let previous: DesiredState = if args.live {
+        let (owned, foreign) = live_intentions(&args.writer_id).await?;
+        conflicts = foreign
+            .into_iter()
+            .filter(|(key, _)| next.state.intentions.contains_key(key))
+            .collect();
+        // Only intentions are read back; splitters and service-defaults are planned as if new.
+        DesiredState {
+            intentions: owned,
+            ..DesiredState::default()
+        }
+    } else if args.from.is_empty() {
         DesiredState::default()
     } else {
         let (old_objects, _) = load(&args.from)?;
         translate(&old_objects, &options).state
     };
-    let next = translate(&objects, &options);
     let commands = diff(&previous, &next.state);
+    for (key, holder) in &conflicts {
+        println!(
+            "! conflict: intention {key} is held by {holder}; consul-writer will leave it and report it"
+        );
+    }
     if commands.is_empty() {
         println!("No changes.");
     }
@@ -210,6 +234,62 @@ pub async fn plan(args: &PlanArgs) -> Result<()> {
         println!("# not in effect: {diagnostic}");
     }
     Ok(())
+}
+
+type LiveIntentions = (
+    std::collections::BTreeMap<consul_smi_core::IntentionKey, consul_smi_core::Intention>,
+    Vec<(consul_smi_core::IntentionKey, String)>,
+);
+
+/// Consul's intentions, split into the ones this writer owns (as desired-state entries) and
+/// the others (key and who holds it). L7 intentions read back as permissions-less L7 rules,
+/// so the plan shows them as updates.
+async fn live_intentions(writer_id: &str) -> Result<LiveIntentions> {
+    use consul_smi_consul::{ConsulClient, ConsulConfig, Owner, Ownership};
+    use consul_smi_core::{Action, Intention, IntentionKey};
+    consul_smi_consul::install_crypto_provider();
+    let client = ConsulClient::new(&ConsulConfig::from_env()?)?;
+    let owner = Owner::new(writer_id)?;
+    let listed = client
+        .list_legacy_intentions(None)
+        .await
+        .context("listing Consul's intentions")?
+        .value;
+    let service = |namespace: &str, name: &str| ServiceName {
+        namespace: Some(namespace.to_string()).filter(|ns| !ns.is_empty() && ns != "default"),
+        name: name.to_string(),
+    };
+    let mut owned = std::collections::BTreeMap::new();
+    let mut foreign = Vec::new();
+    for intention in listed {
+        let key = IntentionKey {
+            source: service(&intention.source_ns, &intention.source_name),
+            destination: service(&intention.destination_ns, &intention.destination_name),
+        };
+        let ownership = match owner.judge_meta(intention.meta.as_ref()) {
+            Ownership::Foreign => owner.judge_description(&intention.description),
+            judged => judged,
+        };
+        match ownership {
+            Ownership::Ours => {
+                let rule = match intention.action.as_str() {
+                    "allow" => IntentionRule::L4(Action::Allow),
+                    "deny" => IntentionRule::L4(Action::Deny),
+                    _ => IntentionRule::L7(Vec::new()),
+                };
+                owned.insert(
+                    key.clone(),
+                    Intention {
+                        key,
+                        rule,
+                        description: intention.description,
+                    },
+                );
+            }
+            other => foreign.push((key, format!("{} ({})", other.describe(), intention.action))),
+        }
+    }
+    Ok((owned, foreign))
 }
 
 fn rule_text(rule: &IntentionRule) -> String {
