@@ -60,6 +60,8 @@ pub struct LocalOptions {
     pub env: Vec<(String, String)>,
     /// Start the translator with `--kube-events` against the local API server.
     pub kube_events: bool,
+    /// Extra writer flags, e.g. `--admin-listen 127.0.0.1:PORT`.
+    pub writer_args: Vec<String>,
 }
 
 impl E2eEnv {
@@ -128,6 +130,7 @@ impl E2eEnv {
             cert.key_path.display().to_string(),
         ];
         pipeline_options.translator_args = options.translator_args;
+        pipeline_options.writer_args = options.writer_args;
         if options.kube_events {
             pipeline_options.translator_args.extend([
                 "--kube-events".to_string(),

@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{OnceCell, Semaphore};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config::ConsulConfig;
 use crate::error::ConsulError;
@@ -383,7 +384,23 @@ impl ConsulClient {
         }
     }
 
+    /// One HTTP attempt in its own client span; the observer's `traceparent` names that span,
+    /// so Consul-side tooling (or a proxy) can join the trace.
     async fn send_once(&self, call: &Call<'_>) -> Result<RawResponse, Attempt> {
+        let span = tracing::info_span!(
+            "consul_request",
+            otel.kind = "client",
+            http.request.method = %call.method,
+            url.path = %call.path,
+            what = call.what,
+            http.response.status_code = tracing::field::Empty,
+            consul.index = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        self.send_once_in_span(call).instrument(span).await
+    }
+
+    async fn send_once_in_span(&self, call: &Call<'_>) -> Result<RawResponse, Attempt> {
         let inner = &self.inner;
         let url = format!("{}{}", inner.base_url, call.path);
         let mut request = inner.http.request(call.method.clone(), url);
@@ -418,6 +435,18 @@ impl ConsulClient {
         }
         let started = std::time::Instant::now();
         let observe = |status: Option<u16>| {
+            let span = tracing::Span::current();
+            match status {
+                Some(status) => {
+                    span.record("http.response.status_code", status);
+                    if status >= 400 {
+                        span.record("otel.status_code", "ERROR");
+                    }
+                }
+                None => {
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
             if let Some(observer) = &inner.observer {
                 observer.observe(&call.method, &call.path, status, started.elapsed());
             }
@@ -440,6 +469,9 @@ impl ConsulClient {
             .get("X-Consul-Index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
+        if let Some(index) = index {
+            tracing::Span::current().record("consul.index", index);
+        }
         let body = response
             .bytes()
             .await

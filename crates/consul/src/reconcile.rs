@@ -14,6 +14,7 @@ use consul_smi_core::{
 };
 use futures::StreamExt;
 use rand::Rng;
+use tracing::{Instrument, Span};
 
 use crate::client::ConsulClient;
 use crate::entries::{
@@ -152,6 +153,11 @@ impl IntentionOp {
 }
 
 /// `default` and empty both mean "no namespace" (OSS lists `default`).
+/// The span the Consul requests for command `i` run in; `Span::none()` leaves the caller's.
+fn span_of(spans: &[Span], i: usize) -> Span {
+    spans.get(i).cloned().unwrap_or_else(Span::none)
+}
+
 fn ns_norm(namespace: Option<&str>) -> Option<&str> {
     namespace.filter(|ns| !ns.is_empty() && *ns != "default")
 }
@@ -221,6 +227,14 @@ impl Reconciler {
 
     /// Applies a batch; one report per command, in order. Never fails as a whole.
     pub async fn apply(&self, commands: &[Command]) -> Vec<CommandReport> {
+        self.apply_in_spans(commands, &[]).await
+    }
+
+    /// Like [`apply`](Self::apply), with the Consul requests for `commands[i]` made inside
+    /// `spans[i]` (e.g. a span continuing the trace of the change behind the command); a
+    /// missing span means the caller's. Intentions on one destination (one pair, on the
+    /// legacy API) share one read-modify-write, which runs in the first such command's span.
+    pub async fn apply_in_spans(&self, commands: &[Command], spans: &[Span]) -> Vec<CommandReport> {
         let mut reports: Vec<Option<CommandReport>> = vec![None; commands.len()];
         let flavor = self.client.flavor().await;
 
@@ -247,7 +261,11 @@ impl Reconciler {
         };
 
         for i in defaults_upserts.into_iter().chain(splitters) {
-            reports[i] = Some(self.apply_config_command(&commands[i], flavor).await);
+            reports[i] = Some(
+                self.apply_config_command(&commands[i], flavor)
+                    .instrument(span_of(spans, i))
+                    .await,
+            );
         }
 
         let ops: Vec<(usize, IntentionOp)> = intentions
@@ -260,8 +278,8 @@ impl Reconciler {
             .collect();
         if !ops.is_empty() {
             let results = match flavor {
-                ApiFlavor::Legacy => self.legacy_apply(ops, None).await,
-                ApiFlavor::Modern => self.modern_apply(ops, None).await,
+                ApiFlavor::Legacy => self.legacy_apply(ops, None, spans).await,
+                ApiFlavor::Modern => self.modern_apply(ops, None, spans).await,
             };
             for (i, report) in results {
                 reports[i] = Some(report);
@@ -269,7 +287,11 @@ impl Reconciler {
         }
 
         for i in defaults_deletes {
-            reports[i] = Some(self.apply_config_command(&commands[i], flavor).await);
+            reports[i] = Some(
+                self.apply_config_command(&commands[i], flavor)
+                    .instrument(span_of(spans, i))
+                    .await,
+            );
         }
 
         reports
@@ -425,7 +447,7 @@ impl Reconciler {
                     .into_iter()
                     .map(|x| (legacy_pair_key(&x), x))
                     .collect();
-                self.legacy_apply(ops, Some(existing)).await
+                self.legacy_apply(ops, Some(existing), &[]).await
             }
             ApiFlavor::Modern => {
                 let listed = self
@@ -482,7 +504,7 @@ impl Reconciler {
                         )
                     })
                     .collect();
-                self.modern_apply(ops, Some(existing)).await
+                self.modern_apply(ops, Some(existing), &[]).await
             }
         };
         for (_, r) in results {
@@ -727,6 +749,7 @@ impl Reconciler {
         &self,
         ops: Vec<(usize, IntentionOp)>,
         listed: Option<HashMap<PairKey, LegacyIntention>>,
+        spans: &[Span],
     ) -> Vec<(usize, CommandReport)> {
         let mut groups: BTreeMap<PairKey, Vec<(usize, IntentionOp)>> = BTreeMap::new();
         for (i, op) in ops {
@@ -758,13 +781,20 @@ impl Reconciler {
             .map(|(pair, ops)| async move {
                 let mut existing = match listed {
                     Some(listed) => Ok(listed.get(&pair).cloned()),
-                    None => self.legacy_lookup(ops[0].1.key()).await,
+                    None => {
+                        self.legacy_lookup(ops[0].1.key())
+                            .instrument(span_of(spans, ops[0].0))
+                            .await
+                    }
                 };
                 let mut out = Vec::with_capacity(ops.len());
                 for (i, op) in ops {
                     let report = match &mut existing {
                         Ok(current) => {
-                            let (report, after) = self.legacy_execute(op, current.take()).await;
+                            let (report, after) = self
+                                .legacy_execute(op, current.take())
+                                .instrument(span_of(spans, i))
+                                .await;
                             *current = after;
                             report
                         }
@@ -946,6 +976,7 @@ impl Reconciler {
         &self,
         ops: Vec<(usize, IntentionOp)>,
         mut listed: Option<HashMap<ServiceKey, ServiceIntentionsEntry>>,
+        spans: &[Span],
     ) -> Vec<(usize, CommandReport)> {
         let mut groups: BTreeMap<ServiceKey, Vec<(usize, IntentionOp)>> = BTreeMap::new();
         for (i, op) in ops {
@@ -962,7 +993,10 @@ impl Reconciler {
             })
             .collect();
         futures::stream::iter(work)
-            .map(|(ops, current)| self.modern_group(ops, current))
+            .map(|(ops, current)| {
+                let span = span_of(spans, ops[0].0);
+                self.modern_group(ops, current).instrument(span)
+            })
             .buffer_unordered(self.concurrency)
             .flat_map(futures::stream::iter)
             .collect()

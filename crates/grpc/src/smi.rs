@@ -599,6 +599,7 @@ mod tests {
                 object: Some(v1::SmiObject::from(&object)),
             })),
             trace: None,
+            ..Default::default()
         };
         let typed = HubWatchEvent::try_from(event).unwrap();
         assert_eq!(typed.revision, 7);

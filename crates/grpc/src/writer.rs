@@ -333,6 +333,7 @@ pub fn command_to_wire(id: impl Into<String>, command: &core::Command) -> v1::Co
         id: id.into(),
         trace: None,
         command: Some(command.into()),
+        ..Default::default()
     }
 }
 
@@ -608,6 +609,7 @@ mod tests {
             id: "c7".into(),
             trace: None,
             command: None,
+            ..Default::default()
         };
         let err = core::Command::try_from(&wire).unwrap_err();
         assert_eq!(err.field, "command");

@@ -133,6 +133,7 @@ impl Pipeline {
     ) -> Vec<TracedCommand> {
         let revision = event.revision;
         let epoch = event.epoch.clone();
+        let observed_at_unix_nanos = event.observed_at_unix_nanos;
         let span = info_span!(
             "translate",
             revision,
@@ -174,6 +175,7 @@ impl Pipeline {
                     .map(|command| TracedCommand {
                         command,
                         trace: trace.clone(),
+                        observed_at_unix_nanos,
                     })
                     .collect()
             }

@@ -21,6 +21,8 @@ pub(crate) enum LinkMessage {
 pub(crate) struct TracedCommand {
     pub(crate) command: Command,
     pub(crate) trace: Option<v1::TraceContext>,
+    /// When the watcher observed that change (Unix nanoseconds, 0 = unknown).
+    pub(crate) observed_at_unix_nanos: u64,
 }
 
 pub(crate) struct WriterLink {
@@ -149,6 +151,7 @@ impl WriterLink {
                     &traced.command,
                 );
                 command.trace = traced.trace;
+                command.observed_at_unix_nanos = traced.observed_at_unix_nanos;
                 command
             })
             .collect();

@@ -222,6 +222,7 @@ impl SharedStore {
             revision: snapshot.revision,
             event: Some(e),
             trace: None,
+            observed_at_unix_nanos: 0,
         };
         let begin = Event::SnapshotBegin(v1::SnapshotBegin {
             reason: reason as i32,
@@ -289,7 +290,14 @@ fn delta_event(epoch: &str, delta: &Delta) -> v1::WatchEvent {
         revision: delta.revision,
         event: Some(change_event(&delta.change)),
         trace: delta.trace.as_ref().map(trace_to_wire),
+        observed_at_unix_nanos: unix_nanos(delta.observed_at),
     }
+}
+
+fn unix_nanos(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn trace_to_wire(trace: &TraceContext) -> v1::TraceContext {

@@ -90,6 +90,9 @@ pub struct Delta {
     pub revision: u64,
     pub change: Change,
     pub trace: Option<TraceContext>,
+    /// When the store took in the change: the start of the propagation latency the writer
+    /// measures when Consul acknowledges it.
+    pub observed_at: std::time::SystemTime,
 }
 
 /// Which objects a `replace` covers: the objects a source re-listed.
@@ -308,6 +311,7 @@ impl Store {
             revision: self.revision,
             change,
             trace,
+            observed_at: std::time::SystemTime::now(),
         });
         if self.history.len() == self.history_limit {
             self.history.pop_front();

@@ -36,6 +36,11 @@ fn trace_context(trace: Option<&v1::TraceContext>) -> Option<TraceContext> {
         })
 }
 
+/// `None` for 0, the proto default: the sender did not know when the change was observed.
+fn observed_at(unix_nanos: u64) -> Option<std::time::SystemTime> {
+    (unix_nanos > 0).then(|| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(unix_nanos))
+}
+
 fn result(id: String, outcome: Outcome, message: String) -> v1::CommandResult {
     v1::CommandResult {
         id,
@@ -95,7 +100,36 @@ impl v1::consul_writer_server::ConsulWriter for WriterService {
                 }
             }
             let commands: Vec<Command> = decoded.iter().map(|(_, c)| c.clone()).collect();
-            let reports = self.writer.apply(&commands).await;
+            // One span per command, continuing the trace of the change it came from; the
+            // Consul requests for that command are its children.
+            let spans: Vec<tracing::Span> = decoded
+                .iter()
+                .map(|(i, command)| {
+                    let wire = &request.commands[*i];
+                    let span = tracing::info_span!(
+                        "writer.command",
+                        id = %wire.id,
+                        target = %command.target(),
+                        outcome = tracing::field::Empty,
+                    );
+                    if let Some(context) = trace_context(wire.trace.as_ref()) {
+                        set_parent(&span, &context);
+                    }
+                    span
+                })
+                .collect();
+            let reports = self.writer.apply_in_spans(&commands, &spans).await;
+            for (((i, _), report), span) in decoded.iter().zip(&reports).zip(&spans) {
+                span.record("outcome", tracing::field::debug(report.outcome));
+                // Consul holds what the change asked for: the change has propagated.
+                if matches!(report.outcome, Outcome::Applied | Outcome::Unchanged)
+                    && let Some(observed_at) =
+                        observed_at(request.commands[*i].observed_at_unix_nanos)
+                {
+                    self.writer.metrics().observe_propagation(observed_at);
+                }
+            }
+            drop(spans);
             for ((i, _), report) in decoded.iter().zip(reports) {
                 results[*i] = Some(result(
                     request.commands[*i].id.clone(),

@@ -139,6 +139,10 @@ impl Writer {
         &self.counters
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The state drift repair restores (last Sync plus applied commands).
     pub fn desired_state(&self) -> DesiredState {
         self.memory().state.clone()
@@ -150,8 +154,18 @@ impl Writer {
 
     /// Applies a batch; one report per command, in order.
     pub async fn apply(&self, commands: &[Command]) -> Vec<CommandReport> {
+        self.apply_in_spans(commands, &[]).await
+    }
+
+    /// Like [`apply`](Self::apply), making the Consul requests for `commands[i]` inside
+    /// `spans[i]` (see [`Reconciler::apply_in_spans`]).
+    pub async fn apply_in_spans(
+        &self,
+        commands: &[Command],
+        spans: &[tracing::Span],
+    ) -> Vec<CommandReport> {
         let _guard = self.write_lock.lock().await;
-        let reports = self.reconciler.apply(commands).await;
+        let reports = self.reconciler.apply_in_spans(commands, spans).await;
         {
             let mut memory = self.memory();
             for (command, report) in commands.iter().zip(&reports) {

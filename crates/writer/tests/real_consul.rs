@@ -138,6 +138,7 @@ async fn grpc_apply_sync_and_health() {
             id: "c3".into(),
             trace: None,
             command: None,
+            ..Default::default()
         },
         command_to_wire("c4", &Command::DeleteIntention(key("nobody", "api"))),
     ];
