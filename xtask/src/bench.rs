@@ -43,9 +43,15 @@ pub fn run(args: Args) -> Result<()> {
     // SAFETY: no other threads yet.
     unsafe {
         std::env::set_var("CONSUL_SMI_BIN", root.join("target/release/consul-smi"));
+        // RUST_LOG also decides which spans exist (and so are exported): both runs get the
+        // services' info spans, with output discarded, so only the export differs.
         if std::env::var_os("CONSUL_SMI_TEST_LOG").is_none() {
-            std::env::set_var("CONSUL_SMI_TEST_LOG", "error");
+            std::env::set_var(
+                "CONSUL_SMI_TEST_LOG",
+                "error,consul_smi_watcher=info,consul_smi_translator=info,consul_smi_writer=info,consul_smi_consul=info",
+            );
         }
+        std::env::set_var("CONSUL_SMI_TEST_QUIET", "1");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

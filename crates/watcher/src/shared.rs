@@ -67,8 +67,14 @@ impl SharedStore {
 
     pub fn upsert(&self, observed: Observed) {
         let span = change_span("apply", &observed.object_ref());
+        if let Observed::Valid(object) = &observed
+            && let Some(resource_version) = &object.meta().resource_version
+        {
+            span.record("resource_version", resource_version.as_str());
+        }
         let trace = consul_smi_telemetry::span_context(&span);
         let delta = self.lock().upsert(observed, trace);
+        record_revision(&span, delta.as_slice());
         self.published(delta.as_slice());
     }
 
@@ -76,6 +82,7 @@ impl SharedStore {
         let span = change_span("delete", object);
         let trace = consul_smi_telemetry::span_context(&span);
         let delta = self.lock().delete(object, trace);
+        record_revision(&span, delta.as_slice());
         self.published(delta.as_slice());
     }
 
@@ -244,8 +251,16 @@ fn change_span(action: &'static str, object: &ObjectRef) -> tracing::Span {
         action,
         kind = %object.kind,
         namespace = %object.namespace,
-        name = %object.name
+        name = %object.name,
+        resource_version = tracing::field::Empty,
+        revision = tracing::field::Empty
     )
+}
+
+fn record_revision(span: &tracing::Span, deltas: &[Arc<Delta>]) {
+    if let Some(delta) = deltas.last() {
+        span.record("revision", delta.revision);
+    }
 }
 
 fn log_delta(delta: &Delta) {
