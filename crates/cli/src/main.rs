@@ -78,8 +78,9 @@ async fn run(cli: Cli) -> Result<()> {
         Commands::Translator { config, admin } => {
             let _telemetry = consul_smi_telemetry::init("smi-translator")?;
             let listener = bind(config.listen).await?;
-            serve_admin(admin, Metrics::new()).await?;
-            consul_smi_translator::serve(config, listener, shutdown_signal()).await?;
+            let metrics = Metrics::new();
+            serve_admin(admin, metrics.clone()).await?;
+            consul_smi_translator::serve(config, listener, metrics, shutdown_signal()).await?;
         }
         Commands::Writer { config, admin } => {
             let _telemetry = consul_smi_telemetry::init("consul-writer")?;

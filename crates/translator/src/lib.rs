@@ -134,6 +134,7 @@ pub type SharedIndex = Arc<RwLock<Index>>;
 pub async fn serve(
     config: TranslatorConfig,
     listener: TcpListener,
+    metrics: consul_smi_telemetry::Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TranslatorError> {
     let watcher = endpoint(&config.watcher)?;
@@ -158,15 +159,17 @@ pub async fn serve(
         }
         false => None,
     };
-    let pipeline = pipeline::Pipeline::new(
+    let pipeline = pipeline::Pipeline {
         watcher,
-        index.clone(),
-        invalid.clone(),
+        index: index.clone(),
+        invalid: invalid.clone(),
         to_writer,
-        config.subscriber.clone(),
-        Duration::from_millis(config.batch_millis),
+        subscriber: config.subscriber.clone(),
+        batch_window: Duration::from_millis(config.batch_millis),
         events,
-    );
+        metrics,
+        position: None,
+    };
     let pipeline_task = tokio::spawn(pipeline.run());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

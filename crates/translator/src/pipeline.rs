@@ -15,16 +15,17 @@ use crate::diagnostics::InvalidObjects;
 use crate::writer_link::{LinkMessage, TracedCommand};
 
 pub(crate) struct Pipeline {
-    watcher: tonic::transport::Endpoint,
-    index: SharedIndex,
-    invalid: InvalidObjects,
-    to_writer: mpsc::Sender<LinkMessage>,
-    subscriber: String,
-    batch_window: Duration,
+    pub(crate) watcher: tonic::transport::Endpoint,
+    pub(crate) index: SharedIndex,
+    pub(crate) invalid: InvalidObjects,
+    pub(crate) to_writer: mpsc::Sender<LinkMessage>,
+    pub(crate) subscriber: String,
+    pub(crate) batch_window: Duration,
+    pub(crate) metrics: consul_smi_telemetry::Metrics,
     /// Where current diagnostics go to become Kubernetes Events (when enabled).
-    events: Option<mpsc::Sender<Vec<crate::events::ReportedDiagnostic>>>,
+    pub(crate) events: Option<mpsc::Sender<Vec<crate::events::ReportedDiagnostic>>>,
     /// Resume point: (epoch, last revision seen).
-    position: Option<(String, u64)>,
+    pub(crate) position: Option<(String, u64)>,
 }
 
 enum Handled {
@@ -40,27 +41,6 @@ struct PendingSnapshot {
 }
 
 impl Pipeline {
-    pub(crate) fn new(
-        watcher: tonic::transport::Endpoint,
-        index: SharedIndex,
-        invalid: InvalidObjects,
-        to_writer: mpsc::Sender<LinkMessage>,
-        subscriber: String,
-        batch_window: Duration,
-        events: Option<mpsc::Sender<Vec<crate::events::ReportedDiagnostic>>>,
-    ) -> Self {
-        Pipeline {
-            watcher,
-            index,
-            invalid,
-            to_writer,
-            subscriber,
-            batch_window,
-            events,
-            position: None,
-        }
-    }
-
     pub(crate) async fn run(mut self) {
         let mut attempt = 0u32;
         loop {
@@ -74,6 +54,7 @@ impl Pipeline {
                     attempt = attempt.saturating_add(1);
                 }
             }
+            self.metrics.inc_stream_reconnects("watch");
             tokio::time::sleep(crate::backoff(attempt)).await;
         }
     }
@@ -180,6 +161,7 @@ impl Pipeline {
                     .collect()
             }
             Handled::SyncNeeded => {
+                self.record_gauges();
                 // A fresh snapshot may follow a gap (our restart, the watcher's, lost
                 // commands): a full Sync makes Consul exactly the desired state.
                 let _ = self.to_writer.send(LinkMessage::Sync).await;
@@ -285,6 +267,7 @@ impl Pipeline {
     }
 
     async fn flush(&mut self, batch: &mut Vec<TracedCommand>) {
+        self.record_gauges();
         if batch.is_empty() {
             return;
         }
@@ -297,6 +280,29 @@ impl Pipeline {
         {
             warn!("writer link stopped; commands dropped (the next Sync restores them)");
         }
+    }
+}
+
+impl Pipeline {
+    /// Diagnostics by severity and the writer link's backlog, for `/metrics`.
+    fn record_gauges(&self) {
+        let (mut errors, mut warnings) = (0, 0);
+        for diagnostic in self
+            .index
+            .read()
+            .expect("index lock poisoned")
+            .diagnostics()
+        {
+            match diagnostic.severity {
+                consul_smi_translate::Severity::Error => errors += 1,
+                consul_smi_translate::Severity::Warning => warnings += 1,
+            }
+        }
+        self.metrics.set_diagnostics("error", errors);
+        self.metrics.set_diagnostics("warning", warnings);
+        let backlog = self.to_writer.max_capacity() - self.to_writer.capacity();
+        self.metrics
+            .set_queue_depth("translator_to_writer", backlog as i64);
     }
 }
 
