@@ -1,5 +1,10 @@
 //! The writer's request decoders (prost + wire -> Consul commands/state) on arbitrary bytes:
 //! never panic, and whatever decodes goes back to the wire and into the domain unchanged.
+//!
+//! Equality is checked on the Debug form: split weights are `f32`, and the wire accepts NaN
+//! (NaN != NaN, yet it round-trips exactly). That NaN, infinite or negative weights decode at
+//! all is a validation gap of `consul-smi-grpc` (`TryFrom<&v1::ServiceSplitter>`), not
+//! something this target asserts.
 #![no_main]
 
 use consul_smi_core::{Command, DesiredState};
@@ -14,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(command) = Command::try_from(wire) {
                 let again = Command::try_from(&command_to_wire(wire.id.clone(), &command))
                     .expect("the wire form of a command decodes");
-                assert_eq!(again, command);
+                assert_eq!(format!("{again:?}"), format!("{command:?}"));
             }
         }
     }
@@ -25,6 +30,6 @@ fuzz_target!(|data: &[u8]| {
     {
         let again = DesiredState::try_from(&v1::DesiredState::from(&state))
             .expect("the wire form of a state decodes");
-        assert_eq!(again, state);
+        assert_eq!(format!("{again:?}"), format!("{state:?}"));
     }
 });
