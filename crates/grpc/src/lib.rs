@@ -9,5 +9,7 @@ pub mod v1 {
 
 /// Hub model (`consul-smi-api`) <-> wire types of `smi.proto`/`watch.proto`.
 pub mod smi;
+/// mTLS between the services (certificate hot reload) and the plaintext peer policy.
+pub mod tls;
 /// Consul state and commands (`consul-smi-core`) <-> wire types of `writer.proto`.
 pub mod writer;
