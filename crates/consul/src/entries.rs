@@ -233,7 +233,7 @@ impl ConsulClient {
         namespace: Option<&str>,
     ) -> Result<Option<E>, ConsulError> {
         let what = format!("GET {} {name}", E::KIND);
-        let call = Call::new(Method::GET, format!("/v1/config/{}/{name}", E::KIND), &what);
+        let call = Call::new(Method::GET, entry_path(E::KIND, name)?, &what);
         match self.get_json(self.with_ns(call, namespace)).await {
             Ok(entry) => Ok(Some(entry)),
             Err(ConsulError::NotFound { .. }) => Ok(None),
@@ -283,11 +283,7 @@ impl ConsulClient {
         cas: Option<u64>,
     ) -> Result<bool, ConsulError> {
         let what = format!("DELETE {} {name}", E::KIND);
-        let mut call = Call::new(
-            Method::DELETE,
-            format!("/v1/config/{}/{name}", E::KIND),
-            &what,
-        );
+        let mut call = Call::new(Method::DELETE, entry_path(E::KIND, name)?, &what);
         if let Some(cas) = cas {
             call = call.query("cas", cas.to_string());
         }
@@ -326,5 +322,44 @@ mod tests {
                 "JWT": {"Providers": []}, "Meta": {"team": "ops"}
             })
         );
+    }
+}
+
+/// `/v1/config/<kind>/<name>` with `name` as one percent-encoded path segment. The translation
+/// only produces Kubernetes names; this is the second line of defence: a name must never be
+/// able to address another endpoint (`..`, `/`, `?`) with the writer's token.
+fn entry_path(kind: &str, name: &str) -> Result<String, ConsulError> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(ConsulError::Config(format!(
+            "refusing config entry name {name:?}: not a service name"
+        )));
+    }
+    let mut path = format!("/v1/config/{kind}/");
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            path.push(byte as char);
+        } else {
+            path.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod entry_path_tests {
+    use super::entry_path;
+
+    #[test]
+    fn names_stay_one_path_segment() {
+        assert_eq!(
+            entry_path("service-splitter", "api-v1").unwrap(),
+            "/v1/config/service-splitter/api-v1"
+        );
+        assert_eq!(
+            entry_path("service-splitter", "a/../acl?x").unwrap(),
+            "/v1/config/service-splitter/a%2F..%2Facl%3Fx"
+        );
+        assert!(entry_path("service-splitter", "..").is_err());
+        assert!(entry_path("service-splitter", "").is_err());
     }
 }

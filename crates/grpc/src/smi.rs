@@ -21,7 +21,7 @@ pub struct WireError {
 }
 
 impl WireError {
-    fn new(object: &str, field: &str, problem: impl Into<String>) -> Self {
+    pub(crate) fn new(object: &str, field: &str, problem: impl Into<String>) -> Self {
         WireError {
             object: object.to_string(),
             field: field.to_string(),

@@ -270,15 +270,34 @@ impl TryFrom<&v1::ServiceSplitter> for core::ServiceSplitter {
 
     fn try_from(splitter: &v1::ServiceSplitter) -> Result<Self, WireError> {
         let service = service_from_wire(splitter.service.as_ref(), "service-splitter", "service")?;
+        let object = format!("service-splitter/{}", service.name);
         let splits = splitter
             .splits
             .iter()
-            .map(|s| core::Split {
-                weight: s.weight,
-                service: s.service.clone(),
-                namespace: s.namespace.clone(),
+            .enumerate()
+            .map(|(i, s)| {
+                // Weights are percentages; NaN would reach Consul as `null` (serde_json).
+                if !s.weight.is_finite() || !(0.0..=100.0).contains(&s.weight) {
+                    return Err(WireError::new(
+                        &object,
+                        &format!("splits[{i}].weight"),
+                        format!("{} is not a percentage between 0 and 100", s.weight),
+                    ));
+                }
+                if s.service.is_empty() {
+                    return Err(WireError::new(
+                        &object,
+                        &format!("splits[{i}].service"),
+                        "empty service name",
+                    ));
+                }
+                Ok(core::Split {
+                    weight: s.weight,
+                    service: s.service.clone(),
+                    namespace: s.namespace.clone(),
+                })
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(core::ServiceSplitter { service, splits })
     }
 }

@@ -385,14 +385,10 @@ fn arbitrary_bytes_never_panic() {
     }
 }
 
-/// KNOWN GAP (translate + consul crates, reported to the lead): the translation rejects only
-/// empty names and `*`, so a ServiceAccount or service name that is no Kubernetes name reaches
-/// Consul as a service name, and `consul-smi-consul` puts config-entry names into the URL path
-/// unescaped (`/v1/config/service-intentions/{name}`): a destination `x/../../acl/...` or
-/// `api?dc=other` would address another endpoint with the writer's token. Un-ignore when
-/// `translate` reports `invalid-subject-name` for these.
+/// A ServiceAccount or service name that is no Kubernetes name must never reach Consul: as a
+/// config-entry name in a URL path (`/v1/config/service-intentions/{name}`), a destination
+/// `x/../../acl/...` or `api?dc=other` would address another endpoint with the writer's token.
 #[test]
-#[ignore = "translate accepts subject names that are not Kubernetes names (see doc comment)"]
 fn subject_and_service_names_that_are_not_kubernetes_names_grant_nothing() {
     let object = decode_one(&hostile("subject-name-not-dns.yaml")).expect("decodes");
     let object_ref = object.object_ref();

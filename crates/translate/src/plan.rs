@@ -83,10 +83,20 @@ impl TargetPlan {
     }
 }
 
-/// Kubernetes names never contain `*`; Consul reads `*` as "every service", which SMI has no
-/// notion of, so such a name would silently widen a grant to everyone.
+/// ServiceAccount and Service names are DNS-1123 subdomains (lowercase alphanumerics, `-`,
+/// `.`; alphanumeric at both ends; at most 253 characters). Anything else is not a name
+/// Kubernetes can hold: `*` would read as "every service" in Consul (SMI has no wildcards),
+/// and `/`, `?` or `..` would change the meaning of the Consul API path it ends up in.
 fn invalid_name(name: &str) -> bool {
-    name.is_empty() || name.contains('*')
+    let alphanumeric = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    name.is_empty()
+        || name.len() > 253
+        || !name
+            .chars()
+            .all(|c| alphanumeric(c) || c == '-' || c == '.')
+        || !name.starts_with(alphanumeric)
+        || !name.ends_with(alphanumeric)
+        || name.contains("..")
 }
 
 fn object_ref(kind: SmiKind, meta: &Meta) -> ObjectRef {
