@@ -31,6 +31,8 @@ pub enum TranslatorError {
     Kube(String),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] consul_smi_grpc::tls::TlsError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -103,6 +105,9 @@ pub struct TranslatorConfig {
     /// Name this subscriber reports to the watcher.
     #[arg(long, env = "CONSUL_SMI_SUBSCRIBER", default_value = "smi-translator")]
     pub subscriber: String,
+    /// mTLS for the gRPC server and for the connections to the watcher and the writer.
+    #[command(flatten)]
+    pub tls: consul_smi_grpc::tls::TlsArgs,
 }
 
 impl TranslatorConfig {
@@ -137,8 +142,11 @@ pub async fn serve(
     metrics: consul_smi_telemetry::Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TranslatorError> {
-    let watcher = endpoint(&config.watcher)?;
-    let writer = endpoint(&config.writer)?;
+    let client_tls = config.tls.client_config()?;
+    let watcher = endpoint(&config.watcher, client_tls.as_ref())?;
+    let writer = endpoint(&config.writer, client_tls.as_ref())?;
+    let listen_addr = listener.local_addr().ok();
+    let incoming = config.tls.incoming(listener)?;
     let index: SharedIndex = Arc::new(RwLock::new(Index::new(config.translate_options())));
     let invalid = diagnostics::InvalidObjects::default();
 
@@ -177,14 +185,11 @@ pub async fn serve(
         .set_serving::<consul_smi_grpc::v1::translator_diagnostics_server::TranslatorDiagnosticsServer<DiagnosticsService>>()
         .await;
     let diagnostics = DiagnosticsService::new(index, invalid);
-    info!(addr = ?listener.local_addr().ok(), watcher = %config.watcher, writer = %config.writer, "smi-translator serving");
+    info!(addr = ?listen_addr, watcher = %config.watcher, writer = %config.writer, "smi-translator serving");
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(diagnostics.into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     pipeline_task.abort();
     link_task.abort();
@@ -207,13 +212,28 @@ async fn kube_client(
     kube::Client::try_from(config).map_err(|e| error(&e))
 }
 
-fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, TranslatorError> {
-    tonic::transport::Endpoint::from_shared(addr.to_string())
-        .map(|e| e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true))
-        .map_err(|source| TranslatorError::Endpoint {
-            endpoint: addr.to_string(),
-            source,
-        })
+/// With TLS configured, `http://` addresses are dialled as `https://` (the defaults and
+/// existing manifests say `http://`); the server certificate must name the address's host.
+fn endpoint(
+    addr: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<tonic::transport::Endpoint, TranslatorError> {
+    let error = |source| TranslatorError::Endpoint {
+        endpoint: addr.to_string(),
+        source,
+    };
+    let uri = match (tls, addr.strip_prefix("http://")) {
+        (Some(_), Some(rest)) => format!("https://{rest}"),
+        _ => addr.to_string(),
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(uri)
+        .map_err(error)?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    match tls {
+        Some(tls) => endpoint.tls_config(tls.clone()).map_err(error),
+        None => Ok(endpoint),
+    }
 }
 
 /// Jittered exponential backoff for reconnects: 100 ms doubling to 5 s, ±25 %.

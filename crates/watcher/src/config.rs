@@ -83,6 +83,9 @@ pub struct WatcherConfig {
     /// How often the `dir:` source checks the directory for changes, in milliseconds.
     #[arg(long, env = "CONSUL_SMI_WATCHER_POLL_MS", default_value_t = 500)]
     pub poll_interval_ms: u64,
+
+    #[command(flatten)]
+    pub tls: consul_smi_grpc::tls::TlsArgs,
 }
 
 impl WatcherConfig {
@@ -100,6 +103,7 @@ impl WatcherConfig {
             history: 10_000,
             subscriber_buffer: 256,
             poll_interval_ms: 500,
+            tls: Default::default(),
         }
     }
 

@@ -28,10 +28,8 @@ use std::path::PathBuf;
 
 use consul_smi_grpc::v1;
 use consul_smi_grpc::v1::smi_watch_server::SmiWatchServer;
-use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 pub mod config;
@@ -54,6 +52,8 @@ pub enum WatcherError {
     Kube(#[from] kube::Error),
     #[error("TLS material {path}: {reason}")]
     Tls { path: PathBuf, reason: String },
+    #[error(transparent)]
+    GrpcTls(#[from] consul_smi_grpc::tls::TlsError),
     #[error("conversion webhook: --webhook-listen needs --webhook-cert and --webhook-key")]
     WebhookConfig,
     #[error("binding {addr}: {source}")]
@@ -150,14 +150,9 @@ pub async fn serve(
     }));
 
     let service = WatchService::new(shared.clone(), config.subscriber_buffer);
-    // Deltas are small messages that should leave at once, not wait for Nagle's algorithm;
-    // tonic only sets TCP_NODELAY on listeners it binds itself.
-    let incoming = TcpListenerStream::new(listener).map(|stream| {
-        if let Ok(stream) = &stream {
-            let _ = stream.set_nodelay(true);
-        }
-        stream
-    });
+    // mTLS or loopback-only plaintext; also sets TCP_NODELAY (deltas are small messages that
+    // should leave at once, and tonic only sets it on listeners it binds itself).
+    let incoming = config.tls.incoming(listener)?;
     let result = tonic::transport::Server::builder()
         // Detects subscribers that vanished without closing their connection.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))

@@ -7,20 +7,15 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::post;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -40,7 +35,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// certificate and every read of a non-storage version would fail.
 pub fn tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, WatcherError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let resolver = ReloadingCertificate::load(cert, key, provider.clone())?;
+    // The same reloading resolver the services' gRPC servers use.
+    let resolver = consul_smi_grpc::tls::ReloadingCertificate::load(cert, key, provider.clone())?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| WatcherError::Tls {
@@ -51,83 +47,6 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, Watch
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
-}
-
-type Stamp = (Option<SystemTime>, Option<SystemTime>);
-
-#[derive(Debug)]
-struct ReloadingCertificate {
-    cert_path: PathBuf,
-    key_path: PathBuf,
-    provider: Arc<CryptoProvider>,
-    current: RwLock<(Stamp, Arc<CertifiedKey>)>,
-}
-
-impl ReloadingCertificate {
-    fn load(
-        cert: &Path,
-        key: &Path,
-        provider: Arc<CryptoProvider>,
-    ) -> Result<ReloadingCertificate, WatcherError> {
-        let stamp = stamp(cert, key);
-        let certified = Arc::new(load_certified_key(cert, key, &provider)?);
-        Ok(ReloadingCertificate {
-            cert_path: cert.to_path_buf(),
-            key_path: key.to_path_buf(),
-            provider,
-            current: RwLock::new((stamp, certified)),
-        })
-    }
-}
-
-impl ResolvesServerCert for ReloadingCertificate {
-    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let stamp = stamp(&self.cert_path, &self.key_path);
-        {
-            let current = self.current.read().unwrap_or_else(|p| p.into_inner());
-            if current.0 == stamp {
-                return Some(current.1.clone());
-            }
-        }
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        match load_certified_key(&self.cert_path, &self.key_path, &self.provider) {
-            Ok(certified) => {
-                info!(cert = %self.cert_path.display(), "reloaded the webhook certificate");
-                *current = (stamp, Arc::new(certified));
-            }
-            // Mid-rotation (new certificate, old key) or a partial write: keep serving the
-            // previous pair and try again on the next handshake.
-            Err(e) => {
-                warn!(error = %e, "cannot reload the webhook certificate; keeping the previous one")
-            }
-        }
-        Some(current.1.clone())
-    }
-}
-
-fn stamp(cert: &Path, key: &Path) -> Stamp {
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    (modified(cert), modified(key))
-}
-
-fn load_certified_key(
-    cert: &Path,
-    key: &Path,
-    provider: &CryptoProvider,
-) -> Result<CertifiedKey, WatcherError> {
-    let tls_error = |path: &Path, e: &dyn std::fmt::Display| WatcherError::Tls {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| tls_error(cert, &e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| tls_error(cert, &e))?;
-    if chain.is_empty() {
-        return Err(tls_error(cert, &"no certificate in file"));
-    }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| tls_error(key, &e))?;
-    CertifiedKey::from_der(chain, key_der, provider).map_err(|e| tls_error(key, &e))
 }
 
 /// The webhook's routes, without TLS (for tests and for embedding).

@@ -51,6 +51,9 @@ pub struct WriterConfig {
 
     #[command(flatten)]
     pub consul: ConsulConfig,
+
+    #[command(flatten)]
+    pub tls: consul_smi_grpc::tls::TlsArgs,
 }
 
 impl WriterConfig {
@@ -64,6 +67,7 @@ impl WriterConfig {
             drift_debounce: Duration::from_millis(200),
             drift_wait: Duration::from_secs(300),
             consul: ConsulConfig::for_address(consul_address),
+            tls: Default::default(),
         }
     }
 }

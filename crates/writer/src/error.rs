@@ -7,4 +7,7 @@ pub enum WriterError {
 
     #[error("gRPC server failed: {0}")]
     Server(#[from] tonic::transport::Error),
+
+    #[error(transparent)]
+    Tls(#[from] consul_smi_grpc::tls::TlsError),
 }

@@ -22,7 +22,6 @@ use std::time::Duration;
 use consul_smi_grpc::v1::consul_writer_server::ConsulWriterServer;
 use consul_smi_telemetry::Metrics;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::WriterConfig;
 pub use error::WriterError;
@@ -40,6 +39,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WriterError> {
     let drift_repair = config.drift_repair;
+    // Before anything starts: a broken TLS configuration is a startup error.
+    let incoming = config.tls.incoming(listener)?;
     let writer = Writer::new(config, metrics)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -86,7 +87,7 @@ pub async fn serve(
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(WriterService::new(writer).into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = stop_tx.send(true);
     readiness.abort();
