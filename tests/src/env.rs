@@ -332,6 +332,18 @@ impl E2eEnv {
         }
     }
 
+    /// SIGTERM to a local service process and its exit status (see `Pipeline::terminate`).
+    pub async fn terminate(
+        &mut self,
+        service: Service,
+        grace: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        match self.local.as_mut() {
+            Some(local) => local.pipeline.terminate(service, grace).await,
+            None => bail!("terminate needs the local harness (unset CONSUL_SMI_E2E_KUBECONFIG)"),
+        }
+    }
+
     pub async fn start_service(&mut self, service: Service) -> Result<()> {
         match self.local.as_mut() {
             Some(local) => local.pipeline.start_service(service).await,

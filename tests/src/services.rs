@@ -188,6 +188,35 @@ impl Pipeline {
         Ok(())
     }
 
+    /// SIGTERM, as Kubernetes stops a pod; waits up to `grace` for the process to exit by
+    /// itself (then SIGKILLs it and fails, as the kubelet would after the grace period).
+    pub async fn terminate(
+        &mut self,
+        service: Service,
+        grace: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let mut child = self
+            .slot(service)
+            .take()
+            .with_context(|| format!("consul-smi {} is not running", service.name()))?;
+        let pid = child.id().context("the service has already exited")?;
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("running kill -TERM")?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                child.kill().await.ok();
+                anyhow::bail!(
+                    "consul-smi {} did not exit within {grace:?} of SIGTERM",
+                    service.name()
+                )
+            }
+        }
+    }
+
     pub async fn restart(&mut self, service: Service) -> Result<()> {
         self.kill(service).await?;
         self.start_service(service).await
