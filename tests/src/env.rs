@@ -332,6 +332,26 @@ impl E2eEnv {
         }
     }
 
+    /// Kills the local Consul agent (its data directory stays) until `start_consul`.
+    pub fn stop_consul(&mut self) -> Result<()> {
+        match self.local.as_mut() {
+            Some(local) => {
+                local.consul.stop();
+                Ok(())
+            }
+            None => bail!("stop_consul needs the local harness (unset CONSUL_SMI_E2E_KUBECONFIG)"),
+        }
+    }
+
+    /// Starts the local Consul agent again on the same ports and data after `stop_consul`.
+    pub async fn start_consul(&mut self) -> Result<()> {
+        match self.local.as_mut() {
+            Some(local) => local.consul.restart()?,
+            None => bail!("start_consul needs the local harness (unset CONSUL_SMI_E2E_KUBECONFIG)"),
+        }
+        self.operator_default_deny().await
+    }
+
     /// SIGTERM to a local service process and its exit status (see `Pipeline::terminate`).
     pub async fn terminate(
         &mut self,

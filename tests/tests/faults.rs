@@ -176,3 +176,80 @@ async fn burst_with_each_service_sigkilled_converges_and_never_over_grants() -> 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_unreachable_for_a_while_then_back_converges_and_never_over_grants() -> Result<()> {
+    let mut env = E2eEnv::start().await?;
+    let consul = env
+        .consul_agent()
+        .context("the fault matrix needs the local harness (unset CONSUL_SMI_E2E_KUBECONFIG)")?
+        .url();
+    let s = format!("{:04x}", std::process::id() as u16 ^ 0x5a5a);
+    let http = reqwest::Client::new();
+    let created = |range: std::ops::Range<usize>| -> String {
+        range
+            .map(|i| target(&s, i))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+
+    env.apply(&created(0..20)).await?;
+    let first: BTreeSet<_> = (0..20).map(|i| pair(&s, i)).collect();
+    eventually(
+        "the first 20 pairs granted",
+        Duration::from_secs(30),
+        || async { Ok(owned_allows(&http, &consul, &s).await? == first) },
+    )
+    .await?;
+
+    let ever_granted: BTreeSet<_> = (0..40).map(|i| pair(&s, i)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (stop, consul, s, ever_granted) = (
+            stop.clone(),
+            consul.clone(),
+            s.clone(),
+            ever_granted.clone(),
+        );
+        async move {
+            let http = reqwest::Client::new();
+            let (mut samples, mut violations) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                // While Consul is down a read fails: not a sample.
+                if let Ok(allows) = owned_allows(&http, &consul, &s).await {
+                    samples += 1;
+                    violations.extend(allows.difference(&ever_granted).cloned());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (samples, violations)
+        }
+    });
+
+    // Consul goes away; SMI changes keep coming (20 creations, 10 deletions).
+    env.stop_consul()?;
+    env.apply(&created(20..40)).await?;
+    for i in 0..10 {
+        env.delete(&target_only(&s, i)).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    env.start_consul().await?;
+
+    let expected: BTreeSet<_> = (10..40).map(|i| pair(&s, i)).collect();
+    eventually(
+        "owned allow intentions == the pairs the remaining TrafficTargets grant",
+        Duration::from_secs(60),
+        || async { Ok(owned_allows(&http, &consul, &s).await? == expected) },
+    )
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    let (samples, violations) = sampler.await?;
+    eprintln!("{samples} samples of Consul's intentions around the outage");
+    // Reads fail during the outage and recovery takes well under a second after it.
+    assert!(samples >= 2, "the sampler barely ran ({samples} samples)");
+    assert!(
+        violations.is_empty(),
+        "owned intentions granted pairs no SMI object granted: {violations:?}"
+    );
+    Ok(())
+}
