@@ -135,7 +135,11 @@ impl Pipeline {
             );
         }
         let handled = span.in_scope(|| self.handle_in_span(event.event, snapshot));
-        self.position = Some((epoch, revision));
+        // A resume point inside a snapshot would skip the part not yet received: only a
+        // delta or a complete snapshot moves it.
+        if snapshot.is_none() {
+            self.position = Some((epoch, revision));
+        }
         if let Some(events) = &self.events
             && snapshot.is_none()
         {
@@ -314,4 +318,104 @@ fn decode_object(object: Option<v1::SmiObject>) -> Result<SmiObject, String> {
 fn decode_ref(object: Option<v1::ObjectRef>) -> Result<ObjectRef, String> {
     let object = object.ok_or_else(|| "event without object reference".to_string())?;
     ObjectRef::try_from(&object).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex, RwLock};
+    use std::time::Duration;
+
+    use consul_smi_grpc::v1::{self, smi_watch_server::SmiWatch, watch_event::Event};
+    use consul_smi_translate::{Index, TranslateOptions};
+    use tokio::sync::mpsc;
+
+    use super::Pipeline;
+    use crate::diagnostics::InvalidObjects;
+
+    /// Answers the first Watch with a snapshot cut after its first object, and records every
+    /// request's resume point.
+    #[derive(Clone, Default)]
+    struct CutSnapshot {
+        requests: Arc<Mutex<Vec<(String, u64)>>>,
+    }
+
+    #[tonic::async_trait]
+    impl SmiWatch for CutSnapshot {
+        type WatchStream =
+            tokio_stream::Iter<std::vec::IntoIter<Result<v1::WatchEvent, tonic::Status>>>;
+
+        async fn watch(
+            &self,
+            request: tonic::Request<v1::WatchRequest>,
+        ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+            let request = request.into_inner();
+            self.requests
+                .lock()
+                .unwrap()
+                .push((request.epoch, request.after_revision));
+            let event = |revision, event| v1::WatchEvent {
+                epoch: "e1".into(),
+                revision,
+                event: Some(event),
+                ..Default::default()
+            };
+            let events = vec![
+                Ok(event(
+                    7,
+                    Event::SnapshotBegin(v1::SnapshotBegin { reason: 1 }),
+                )),
+                Ok(event(
+                    7,
+                    Event::Deleted(v1::Deleted {
+                        object: Some(v1::ObjectRef {
+                            kind: 1,
+                            namespace: "default".into(),
+                            name: "x".into(),
+                        }),
+                    }),
+                )),
+            ];
+            Ok(tonic::Response::new(tokio_stream::iter(events)))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cut_snapshot_is_never_a_resume_point() {
+        let service = CutSnapshot::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(v1::smi_watch_server::SmiWatchServer::new(service.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (to_writer, _from_pipeline) = mpsc::channel(4);
+        let pipeline = Pipeline {
+            watcher: tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap(),
+            index: Arc::new(RwLock::new(Index::new(TranslateOptions::default()))),
+            invalid: InvalidObjects::default(),
+            to_writer,
+            subscriber: "test".into(),
+            batch_window: Duration::from_millis(1),
+            metrics: consul_smi_telemetry::Metrics::new(),
+            events: None,
+            position: None,
+        };
+        let task = tokio::spawn(pipeline.run());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while service.requests.lock().unwrap().len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the pipeline did not reconnect"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        task.abort();
+        let requests = service.requests.lock().unwrap().clone();
+        assert_eq!(
+            requests[1],
+            (String::new(), 0),
+            "reconnect after a cut snapshot must ask for a fresh one: {requests:?}"
+        );
+    }
 }
