@@ -3,9 +3,12 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{DESTINATION_PORT_ANNOTATION, annotation, join, set_annotation};
+use crate::common::{
+    DESTINATION_PORT_ANNOTATION, UNEXPRESSED_RULES_ANNOTATION, annotation, join, set_annotation,
+};
 use crate::error::FieldError;
 use crate::hub::{self, RuleKind};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// A workload identity. SMI only defines `kind: ServiceAccount`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -201,6 +204,60 @@ fn rules_from_hub<K: RuleKindConv>(
         .collect()
 }
 
+/// Rules for a version that cannot reference every route kind: the expressible ones, with
+/// the others put in [`UNEXPRESSED_RULES_ANNOTATION`] (with their positions) so that reading a
+/// stored object through an old version neither fails nor loses them.
+fn rules_from_hub_keeping_rest<K: RuleKindConv>(
+    rules: &[hub::TrafficTargetRule],
+    metadata: &mut ObjectMeta,
+) -> Vec<Rule<K>> {
+    let mut expressed = Vec::new();
+    let mut rest = Vec::new();
+    for (index, rule) in rules.iter().enumerate() {
+        match K::from_hub(rule.kind) {
+            Some(kind) => expressed.push(Rule {
+                kind,
+                name: rule.name.clone(),
+                matches: rule.matches.clone(),
+            }),
+            None => rest.push(serde_json::json!({ "index": index, "rule": rule })),
+        }
+    }
+    if !rest.is_empty() {
+        set_annotation(
+            metadata,
+            UNEXPRESSED_RULES_ANNOTATION,
+            serde_json::Value::Array(rest).to_string(),
+        );
+    }
+    expressed
+}
+
+/// The inverse of [`rules_from_hub_keeping_rest`].
+fn restore_unexpressed_rules(
+    metadata: &ObjectMeta,
+    rules: &mut Vec<hub::TrafficTargetRule>,
+) -> Result<(), FieldError> {
+    let Some(text) = annotation(metadata, UNEXPRESSED_RULES_ANNOTATION) else {
+        return Ok(());
+    };
+    #[derive(Deserialize)]
+    struct Placed {
+        index: usize,
+        rule: hub::TrafficTargetRule,
+    }
+    let placed: Vec<Placed> = serde_json::from_str(text).map_err(|e| {
+        FieldError::invalid(
+            format!("metadata.annotations[{UNEXPRESSED_RULES_ANNOTATION}]"),
+            e.to_string(),
+        )
+    })?;
+    for Placed { index, rule } in placed {
+        rules.insert(index.min(rules.len()), rule);
+    }
+    Ok(())
+}
+
 fn destination_with_port_to_hub(
     dest: &DestinationWithPort,
     prefix: &str,
@@ -286,19 +343,24 @@ pub mod v1alpha1 {
             destination,
             destination_port,
             sources: sources_to_hub(&tt.spec.sources, prefix)?,
-            rules: rules_to_hub(&tt.spec.specs, &join(prefix, "specs"))?,
+            rules: {
+                let mut rules = rules_to_hub(&tt.spec.specs, &join(prefix, "specs"))?;
+                restore_unexpressed_rules(&tt.metadata, &mut rules)?;
+                rules
+            },
         }))
     }
 
-    fn from_hub(obj: &hub::SmiObject, prefix: &str) -> Result<TrafficTarget, FieldError> {
+    fn from_hub(obj: &hub::SmiObject, _prefix: &str) -> Result<TrafficTarget, FieldError> {
         let tt = expect_traffic_target(obj)?;
+        let mut metadata = meta_from_hub(&tt.meta);
         let fields = TrafficTargetFields {
             destination: destination_with_port_from_hub(tt),
             sources: tt.sources.iter().map(subject_from_hub).collect(),
-            specs: rules_from_hub(&tt.rules, &join(prefix, "specs"), "v1alpha1")?,
+            specs: rules_from_hub_keeping_rest(&tt.rules, &mut metadata),
         };
         let mut root = TrafficTarget::new(&tt.meta.name, fields);
-        root.metadata = meta_from_hub(&tt.meta);
+        root.metadata = metadata;
         Ok(root)
     }
 }
@@ -346,19 +408,24 @@ pub mod v1alpha2 {
             destination,
             destination_port,
             sources: sources_to_hub(&tt.spec.sources, prefix)?,
-            rules: rules_to_hub(&tt.spec.rules, &join(prefix, "rules"))?,
+            rules: {
+                let mut rules = rules_to_hub(&tt.spec.rules, &join(prefix, "rules"))?;
+                restore_unexpressed_rules(&tt.metadata, &mut rules)?;
+                rules
+            },
         }))
     }
 
-    fn from_hub(obj: &hub::SmiObject, prefix: &str) -> Result<TrafficTarget, FieldError> {
+    fn from_hub(obj: &hub::SmiObject, _prefix: &str) -> Result<TrafficTarget, FieldError> {
         let tt = expect_traffic_target(obj)?;
+        let mut metadata = meta_from_hub(&tt.meta);
         let spec = TrafficTargetSpec {
             destination: destination_with_port_from_hub(tt),
             sources: tt.sources.iter().map(subject_from_hub).collect(),
-            rules: rules_from_hub(&tt.rules, &join(prefix, "rules"), "v1alpha2")?,
+            rules: rules_from_hub_keeping_rest(&tt.rules, &mut metadata),
         };
         let mut root = TrafficTarget::new(&tt.meta.name, spec);
-        root.metadata = meta_from_hub(&tt.meta);
+        root.metadata = metadata;
         Ok(root)
     }
 }

@@ -26,11 +26,20 @@ pub const WEIGHTS_IN_MILLIS_ANNOTATION: &str = "consul-smi.io/weights-in-millis"
 /// the ports travel in this annotation (JSON `{"name":..,"ports":[..]}`) instead.
 pub const PORT_MATCH_ANNOTATION: &str = "consul-smi.io/port-match";
 
+/// access v1alpha1/v1alpha2 rules cannot reference a UDPRoute: such rules of a stored
+/// v1alpha3 object travel here (JSON `[{"index":i,"rule":{..}}]`) when it is read through
+/// those versions, for the same reason as [`PORT_MATCH_ANNOTATION`].
+pub const UNEXPRESSED_RULES_ANNOTATION: &str = "consul-smi.io/unexpressed-rules";
+/// split v1alpha1/v1alpha2 have no `matches`: a stored object's matches travel here (JSON).
+pub const SPLIT_MATCHES_ANNOTATION: &str = "consul-smi.io/split-matches";
+
 /// Annotations owned by conversion; a conversion rewrites them and leaves all others alone.
-pub const CONVERSION_ANNOTATIONS: [&str; 3] = [
+pub const CONVERSION_ANNOTATIONS: [&str; 5] = [
     DESTINATION_PORT_ANNOTATION,
     WEIGHTS_IN_MILLIS_ANNOTATION,
     PORT_MATCH_ANNOTATION,
+    UNEXPRESSED_RULES_ANNOTATION,
+    SPLIT_MATCHES_ANNOTATION,
 ];
 
 pub(crate) fn meta_to_hub(meta: &ObjectMeta, api_version: &str) -> hub::Meta {

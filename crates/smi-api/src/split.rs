@@ -7,6 +7,8 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use crate::common::{WEIGHTS_IN_MILLIS_ANNOTATION, annotation, join, set_annotation};
 use crate::error::FieldError;
 use crate::hub::{self, Weight};
@@ -300,16 +302,28 @@ fn matches_from_hub(
         .collect()
 }
 
-fn no_matches(split: &hub::TrafficSplit, prefix: &str, version: &str) -> Result<(), FieldError> {
-    if split.matches.is_empty() {
-        Ok(())
-    } else {
-        Err(FieldError::not_expressible(
-            join(prefix, "matches"),
-            format!(
-                "split.smi-spec.io/{version} cannot match HTTPRouteGroups (v1alpha3 added spec.matches)"
-            ),
-        ))
+/// split v1alpha1/v1alpha2 have no `matches`: a stored object's matches travel in
+/// [`SPLIT_MATCHES_ANNOTATION`](crate::common::SPLIT_MATCHES_ANNOTATION) when it is read
+/// through them (the API server converts every stored object into every served version).
+fn matches_to_annotation(split: &hub::TrafficSplit, metadata: &mut ObjectMeta) {
+    if !split.matches.is_empty() {
+        let value = serde_json::to_string(&split.matches).unwrap_or_default();
+        crate::common::set_annotation(metadata, crate::common::SPLIT_MATCHES_ANNOTATION, value);
+    }
+}
+
+fn matches_from_annotation(metadata: &ObjectMeta) -> Result<Vec<hub::RouteRef>, FieldError> {
+    match crate::common::annotation(metadata, crate::common::SPLIT_MATCHES_ANNOTATION) {
+        None => Ok(Vec::new()),
+        Some(text) => serde_json::from_str(text).map_err(|e| {
+            FieldError::invalid(
+                format!(
+                    "metadata.annotations[{}]",
+                    crate::common::SPLIT_MATCHES_ANNOTATION
+                ),
+                e.to_string(),
+            )
+        }),
     }
 }
 
@@ -363,13 +377,12 @@ pub mod v1alpha1 {
                     .map(|b| (b.service.as_str(), b.weight.0)),
                 prefix,
             )?,
-            matches: Vec::new(),
+            matches: matches_from_annotation(&s.metadata)?,
         }))
     }
 
-    fn from_hub(obj: &hub::SmiObject, prefix: &str) -> Result<TrafficSplit, FieldError> {
+    fn from_hub(obj: &hub::SmiObject, _prefix: &str) -> Result<TrafficSplit, FieldError> {
         let s = expect_split(obj)?;
-        no_matches(s, prefix, "v1alpha1")?;
         let spec = TrafficSplitSpec {
             service: s.service.clone(),
             backends: s
@@ -383,6 +396,7 @@ pub mod v1alpha1 {
         };
         let mut root = TrafficSplit::new(&s.meta.name, spec);
         root.metadata = meta_from_hub(&s.meta);
+        matches_to_annotation(s, &mut root.metadata);
         Ok(root)
     }
 }
@@ -424,14 +438,14 @@ pub mod v1alpha2 {
             meta: meta_to_hub(&s.metadata, "split.smi-spec.io/v1alpha2"),
             service: s.spec.service.clone(),
             backends: int_backends_to_hub(&s.metadata, &s.spec.backends, prefix)?,
-            matches: Vec::new(),
+            matches: matches_from_annotation(&s.metadata)?,
         }))
     }
 
-    fn from_hub(obj: &hub::SmiObject, prefix: &str) -> Result<TrafficSplit, FieldError> {
+    fn from_hub(obj: &hub::SmiObject, _prefix: &str) -> Result<TrafficSplit, FieldError> {
         let s = expect_split(obj)?;
-        no_matches(s, prefix, "v1alpha2")?;
         let mut metadata = meta_from_hub(&s.meta);
+        matches_to_annotation(s, &mut metadata);
         let backends = int_backends_from_hub(s, &mut metadata);
         let mut root = TrafficSplit::new(
             &s.meta.name,
