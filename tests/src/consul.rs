@@ -63,6 +63,19 @@ struct Ports {
     server: u16,
 }
 
+impl Ports {
+    fn pick() -> Result<Ports> {
+        Ok(Ports {
+            http: free_port()?,
+            https: free_port()?,
+            dns: free_port()?,
+            serf_lan: free_port()?,
+            serf_wan: free_port()?,
+            server: free_port()?,
+        })
+    }
+}
+
 /// A running `consul agent -dev`.
 pub struct ConsulAgent {
     options: ConsulAgentOptions,
@@ -89,14 +102,7 @@ impl ConsulAgent {
             .prefix("consul-smi-agent-")
             .tempdir()
             .context("creating the Consul data directory")?;
-        let ports = Ports {
-            http: free_port()?,
-            https: free_port()?,
-            dns: free_port()?,
-            serf_lan: free_port()?,
-            serf_wan: free_port()?,
-            server: free_port()?,
-        };
+        let ports = Ports::pick()?;
         let tls = if options.tls {
             Some(make_certificates(dir.path())?)
         } else {
@@ -112,8 +118,23 @@ impl ConsulAgent {
             tls,
             starts: 0,
         };
-        agent.launch()?;
-        Ok(agent)
+        // Free ports are found by binding port 0 and letting go, so a test running in
+        // parallel can take one before Consul binds it: retry with new ports, then fail loudly.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match agent.launch() {
+                Ok(()) => return Ok(agent),
+                Err(error) if attempt < 3 => {
+                    eprintln!(
+                        "consul harness: start attempt {attempt} failed, retrying on new ports: {error:#}"
+                    );
+                    agent.stop();
+                    agent.ports = Ports::pick()?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// `127.0.0.1:<port>`, the form `CONSUL_HTTP_ADDR` takes.
