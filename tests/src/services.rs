@@ -86,7 +86,7 @@ impl Pipeline {
             writer: None,
         };
         for service in [Service::Writer, Service::Watcher, Service::Translator] {
-            pipeline.start_service(service).await?;
+            pipeline.start_on_a_free_port(service).await?;
         }
         Ok(pipeline)
     }
@@ -177,6 +177,38 @@ impl Pipeline {
                     self.addr(service)
                 )
             })?;
+        Ok(())
+    }
+
+    /// Free ports are found by binding port 0 and letting go, so a process of a parallel test
+    /// can take one first; then our service fails to bind while the port check sees the other
+    /// process. Started services that exit at once are retried on a new port.
+    async fn start_on_a_free_port(&mut self, service: Service) -> Result<()> {
+        for attempt in 1..=3 {
+            self.start_service(service).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let exited = match self.slot(service).as_mut() {
+                Some(child) => child.try_wait().context("checking the service process")?,
+                None => None,
+            };
+            let Some(status) = exited else { return Ok(()) };
+            if attempt == 3 {
+                bail!(
+                    "consul-smi {} exited at start ({status}) three times",
+                    service.name()
+                );
+            }
+            eprintln!(
+                "services harness: {} exited at start ({status}); retrying on a new port",
+                service.name()
+            );
+            let addr = free_addr()?;
+            match service {
+                Service::Watcher => self.watcher_addr = addr,
+                Service::Translator => self.translator_addr = addr,
+                Service::Writer => self.writer_addr = addr,
+            }
+        }
         Ok(())
     }
 

@@ -211,7 +211,16 @@ pub async fn plan(args: &PlanArgs) -> Result<()> {
     } else if args.from.is_empty() {
         DesiredState::default()
     } else {
-        let (old_objects, _) = load(&args.from)?;
+        let (old_objects, old_problems) = load(&args.from)?;
+        if !old_problems.is_empty() {
+            for problem in &old_problems {
+                eprintln!("error   {problem}");
+            }
+            bail!(
+                "{} document(s) of --from could not be decoded",
+                old_problems.len()
+            );
+        }
         translate(&old_objects, &options).state
     };
     let commands = diff(&previous, &next.state);

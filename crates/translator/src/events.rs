@@ -9,7 +9,7 @@ use consul_smi_api::ObjectRef;
 use consul_smi_translate::Severity;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 /// One diagnostic, with what the Event needs to point at its object.
@@ -56,7 +56,7 @@ pub(crate) fn current_diagnostics(index: &consul_smi_translate::Index) -> Vec<Re
 
 pub(crate) async fn run(
     client: kube::Client,
-    mut updates: mpsc::Receiver<Vec<ReportedDiagnostic>>,
+    mut updates: watch::Receiver<Vec<ReportedDiagnostic>>,
 ) {
     let recorder = Recorder::new(
         client,
@@ -68,13 +68,14 @@ pub(crate) async fn run(
     // Only diagnostics not yet reported become Events; one that disappears and returns is
     // reported again.
     let mut reported: BTreeSet<ReportedDiagnostic> = BTreeSet::new();
-    while let Some(mut current) = updates.recv().await {
-        // Only the latest state matters.
-        while let Ok(newer) = updates.try_recv() {
-            current = newer;
-        }
-        let current: BTreeSet<ReportedDiagnostic> = current.into_iter().collect();
-        for diagnostic in current.difference(&reported) {
+    // A watch channel holds only the latest state: a slow publisher skips to it.
+    while updates.changed().await.is_ok() {
+        let current: BTreeSet<ReportedDiagnostic> =
+            updates.borrow_and_update().iter().cloned().collect();
+        // Gone diagnostics are forgotten, so one that returns is reported again.
+        reported.retain(|d| current.contains(d));
+        let new: Vec<ReportedDiagnostic> = current.difference(&reported).cloned().collect();
+        for diagnostic in new {
             let event = Event {
                 // Errors and warnings both need attention; Kubernetes has no "Error" type.
                 type_: EventType::Warning,
@@ -105,7 +106,8 @@ pub(crate) async fn run(
             };
             match recorder.publish(&event, &reference).await {
                 Ok(()) => {
-                    debug!(object = %diagnostic.object, code = %diagnostic.code, "published Kubernetes Event")
+                    debug!(object = %diagnostic.object, code = %diagnostic.code, "published Kubernetes Event");
+                    reported.insert(diagnostic);
                 }
                 Err(kube::Error::Api(status)) if status.code == 404 => {
                     info!(
@@ -117,12 +119,12 @@ pub(crate) async fn run(
                     warn!(message = %status.message, "not allowed to create Events; disabling Kubernetes Events");
                     return;
                 }
+                // Not recorded as reported: the next change retries it.
                 Err(error) => {
                     warn!(%error, object = %diagnostic.object, "publishing a Kubernetes Event failed")
                 }
             }
         }
-        reported = current;
     }
 }
 

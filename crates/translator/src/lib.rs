@@ -27,6 +27,8 @@ pub enum TranslatorError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("the {task} stopped: {detail}")]
+    TaskEnded { task: &'static str, detail: String },
     #[error("Kubernetes client for Events: {0}")]
     Kube(String),
     #[error("gRPC server failed: {0}")]
@@ -161,7 +163,7 @@ pub async fn serve(
     let events = match config.kube_events {
         true => {
             let client = kube_client(config.kubeconfig.as_deref()).await?;
-            let (sender, receiver) = mpsc::channel(4);
+            let (sender, receiver) = tokio::sync::watch::channel(Vec::new());
             tokio::spawn(events::run(client, receiver));
             Some(sender)
         }
@@ -186,14 +188,21 @@ pub async fn serve(
         .await;
     let diagnostics = DiagnosticsService::new(index, invalid);
     info!(addr = ?listen_addr, watcher = %config.watcher, writer = %config.writer, "smi-translator serving");
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(diagnostics.into_server())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let (mut pipeline_task, mut link_task) = (pipeline_task, link_task);
+    // Either task ending (a panic included) means Consul no longer follows SMI: exit, so the
+    // process is restarted, instead of serving health as if all were well.
+    let result = tokio::select! {
+        result = server => result.map_err(TranslatorError::from),
+        ended = &mut pipeline_task => Err(TranslatorError::TaskEnded { task: "watch stream consumer", detail: format!("{ended:?}") }),
+        ended = &mut link_task => Err(TranslatorError::TaskEnded { task: "writer link", detail: format!("{ended:?}") }),
+    };
     pipeline_task.abort();
     link_task.abort();
-    result.map_err(TranslatorError::from)
+    result
 }
 
 async fn kube_client(

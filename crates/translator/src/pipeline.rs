@@ -23,7 +23,7 @@ pub(crate) struct Pipeline {
     pub(crate) batch_window: Duration,
     pub(crate) metrics: consul_smi_telemetry::Metrics,
     /// Where current diagnostics go to become Kubernetes Events (when enabled).
-    pub(crate) events: Option<mpsc::Sender<Vec<crate::events::ReportedDiagnostic>>>,
+    pub(crate) events: Option<tokio::sync::watch::Sender<Vec<crate::events::ReportedDiagnostic>>>,
     /// Resume point: (epoch, last revision seen).
     pub(crate) position: Option<(String, u64)>,
 }
@@ -81,20 +81,35 @@ impl Pipeline {
         loop {
             let next = match batch_deadline {
                 Some(deadline) => tokio::select! {
-                    message = stream.message() => Some(message?),
+                    message = stream.message() => Some(message),
                     _ = tokio::time::sleep_until(deadline) => None,
                 },
-                None => Some(stream.message().await?),
+                None => Some(stream.message().await),
             };
-            let Some(message) = next else {
-                self.flush(&mut batch).await;
-                batch_deadline = None;
-                continue;
+            let message = match next {
+                None => {
+                    self.flush(&mut batch).await;
+                    batch_deadline = None;
+                    continue;
+                }
+                Some(Ok(message)) => message,
+                Some(Err(status)) => {
+                    // The resume position is already past these commands' events: deliver
+                    // them before reconnecting, or nothing would.
+                    self.flush(&mut batch).await;
+                    return Err(status);
+                }
             };
             let Some(event) = message else {
                 self.flush(&mut batch).await;
                 return Ok(());
             };
+            if matches!(event.event, Some(Event::SnapshotBegin(_))) {
+                // Commands from earlier deltas must reach the writer before the Sync this
+                // snapshot ends with; delivered after it, they would undo it.
+                self.flush(&mut batch).await;
+                batch_deadline = None;
+            }
             let commands = self.handle(event, &mut snapshot).await;
             if !commands.is_empty() {
                 batch.extend(commands);
@@ -146,8 +161,7 @@ impl Pipeline {
             let current = crate::events::current_diagnostics(
                 &self.index.read().expect("index lock poisoned"),
             );
-            // Full: the events task is behind and coalesces to the latest state anyway.
-            let _ = events.try_send(current);
+            events.send_replace(current);
         }
         match handled {
             Handled::Commands(commands) => {

@@ -99,7 +99,8 @@ impl WriterLink {
                 Err(error) => {
                     warn!(%error, attempt, "delivery to consul-writer failed; will Sync when it is back");
                     self.client = None;
-                    sync_needed = true;
+                    // Never a Sync of an index that has not had its first snapshot.
+                    sync_needed = have_snapshot;
                     attempt = attempt.saturating_add(1);
                     tokio::time::sleep(crate::backoff(attempt)).await;
                 }
