@@ -245,6 +245,17 @@ fn endpoint(
     }
 }
 
+/// The wire form of a trace context as the telemetry crate takes it (the grpc crate stays
+/// free of OpenTelemetry, so the conversion lives with its users).
+pub(crate) fn trace_from_wire(
+    trace: &consul_smi_grpc::v1::TraceContext,
+) -> consul_smi_telemetry::TraceContext {
+    consul_smi_telemetry::TraceContext {
+        traceparent: trace.traceparent.clone(),
+        tracestate: trace.tracestate.clone(),
+    }
+}
+
 /// Jittered exponential backoff for reconnects: 100 ms doubling to 5 s, ±25 %.
 pub(crate) fn backoff(attempt: u32) -> Duration {
     let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5_000);

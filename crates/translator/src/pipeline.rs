@@ -141,13 +141,7 @@ impl Pipeline {
         // The watcher started this change's trace; translation and the commands it yields
         // continue it.
         if let Some(trace) = &event.trace {
-            consul_smi_telemetry::set_parent(
-                &span,
-                &consul_smi_telemetry::TraceContext {
-                    traceparent: trace.traceparent.clone(),
-                    tracestate: trace.tracestate.clone(),
-                },
-            );
+            consul_smi_telemetry::set_parent(&span, &crate::trace_from_wire(trace));
         }
         let handled = span.in_scope(|| self.handle_in_span(event.event, snapshot));
         // A resume point inside a snapshot would skip the part not yet received: only a

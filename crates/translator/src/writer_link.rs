@@ -134,13 +134,7 @@ impl WriterLink {
         let mut linked = std::collections::BTreeSet::new();
         for trace in commands.iter().filter_map(|c| c.trace.as_ref()) {
             if linked.insert(trace.traceparent.clone()) {
-                consul_smi_telemetry::add_link(
-                    &span,
-                    &consul_smi_telemetry::TraceContext {
-                        traceparent: trace.traceparent.clone(),
-                        tracestate: trace.tracestate.clone(),
-                    },
-                );
+                consul_smi_telemetry::add_link(&span, &crate::trace_from_wire(trace));
             }
         }
         let wire: Vec<v1::Command> = commands
