@@ -20,6 +20,7 @@ use kube::core::ApiResource;
 
 use crate::consul::{ConsulAgent, ConsulAgentOptions};
 use crate::kube::KubeApiServer;
+use crate::proxy::FaultProxy;
 use crate::services::{Pipeline, PipelineOptions, Service, Source, free_addr};
 
 /// What a case can restart.
@@ -42,6 +43,7 @@ pub struct IntentionRow {
 /// Fields drop in order: the services stop before the components they talk to.
 struct Local {
     pipeline: Pipeline,
+    consul_proxy: Option<FaultProxy>,
     consul: ConsulAgent,
     apiserver: KubeApiServer,
 }
@@ -62,6 +64,11 @@ pub struct LocalOptions {
     pub kube_events: bool,
     /// Extra writer flags, e.g. `--admin-listen 127.0.0.1:PORT`.
     pub writer_args: Vec<String>,
+    /// The writer reaches Consul through a [`FaultProxy`] (`E2eEnv::consul_proxy`).
+    pub consul_proxy: bool,
+    /// The translator reaches the watcher and the writer through [`FaultProxy`]s
+    /// (`E2eEnv::link_proxy`).
+    pub link_proxies: bool,
 }
 
 impl E2eEnv {
@@ -115,12 +122,20 @@ impl E2eEnv {
             .await
             .context("installing the SMI CRDs")?;
 
+        let consul_proxy = match options.consul_proxy {
+            true => Some(FaultProxy::start(consul.http_addr().parse()?).await?),
+            false => None,
+        };
         let mut pipeline_options = PipelineOptions::new(
             Source::Kube {
                 kubeconfig: apiserver.kubeconfig_path(),
             },
-            consul.http_addr(),
+            match &consul_proxy {
+                Some(proxy) => proxy.addr().to_string(),
+                None => consul.http_addr(),
+            },
         );
+        pipeline_options.link_proxies = options.link_proxies;
         pipeline_options.watcher_args = vec![
             "--webhook-listen".into(),
             webhook_addr.to_string(),
@@ -150,6 +165,7 @@ impl E2eEnv {
             local: Some(Local {
                 apiserver,
                 consul,
+                consul_proxy,
                 pipeline,
             }),
         };
@@ -170,6 +186,23 @@ impl E2eEnv {
 
     pub fn consul_agent(&self) -> Option<&ConsulAgent> {
         self.local.as_ref().map(|l| &l.consul)
+    }
+
+    /// The proxy between the writer and Consul (`LocalOptions::consul_proxy`).
+    pub fn consul_proxy(&self) -> Option<&FaultProxy> {
+        self.local.as_ref().and_then(|l| l.consul_proxy.as_ref())
+    }
+
+    /// The proxy between the translator and `service` (`LocalOptions::link_proxies`).
+    pub fn link_proxy(&self, service: Service) -> Option<&FaultProxy> {
+        self.local
+            .as_ref()
+            .and_then(|l| l.pipeline.link_proxy(service))
+    }
+
+    /// The local API server (etcd stays up when it is stopped).
+    pub fn apiserver(&mut self) -> Option<&mut KubeApiServer> {
+        self.local.as_mut().map(|l| &mut l.apiserver)
     }
 
     /// Applies every document of a multi-document SMI manifest (server-side apply).

@@ -6,4 +6,6 @@
 pub mod consul;
 pub mod env;
 pub mod kube;
+pub mod oracle;
+pub mod proxy;
 pub mod services;

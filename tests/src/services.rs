@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::process::{Child, Command};
 
+use crate::proxy::FaultProxy;
+
 /// Where the watcher reads SMI objects from.
 #[derive(Clone, Debug)]
 pub enum Source {
@@ -46,6 +48,9 @@ pub struct PipelineOptions {
     pub watcher_args: Vec<String>,
     /// Extra environment for every service (e.g. OTLP exporter settings).
     pub env: Vec<(String, String)>,
+    /// Route the translator's connections to the watcher and the writer through
+    /// [`FaultProxy`]s, so a test can cut them mid-message.
+    pub link_proxies: bool,
 }
 
 impl PipelineOptions {
@@ -58,6 +63,7 @@ impl PipelineOptions {
             writer_args: Vec::new(),
             watcher_args: Vec::new(),
             env: Vec::new(),
+            link_proxies: false,
         }
     }
 }
@@ -71,19 +77,31 @@ pub struct Pipeline {
     watcher: Option<Child>,
     translator: Option<Child>,
     writer: Option<Child>,
+    watcher_proxy: Option<FaultProxy>,
+    writer_proxy: Option<FaultProxy>,
 }
 
 impl Pipeline {
     pub async fn start(options: PipelineOptions) -> Result<Pipeline> {
+        let (watcher_addr, writer_addr) = (free_addr()?, free_addr()?);
+        let (watcher_proxy, writer_proxy) = match options.link_proxies {
+            true => (
+                Some(FaultProxy::start(watcher_addr).await?),
+                Some(FaultProxy::start(writer_addr).await?),
+            ),
+            false => (None, None),
+        };
         let mut pipeline = Pipeline {
             binary: consul_smi_binary()?,
             options,
-            watcher_addr: free_addr()?,
+            watcher_addr,
             translator_addr: free_addr()?,
-            writer_addr: free_addr()?,
+            writer_addr,
             watcher: None,
             translator: None,
             writer: None,
+            watcher_proxy,
+            writer_proxy,
         };
         for service in [Service::Writer, Service::Watcher, Service::Translator] {
             pipeline.start_on_a_free_port(service).await?;
@@ -113,9 +131,9 @@ impl Pipeline {
                 args.push(self.translator_addr.to_string());
                 args.extend([
                     "--watcher".into(),
-                    format!("http://{}", self.watcher_addr),
+                    format!("http://{}", self.dialled_addr(Service::Watcher)),
                     "--writer".into(),
-                    format!("http://{}", self.writer_addr),
+                    format!("http://{}", self.dialled_addr(Service::Writer)),
                     "--batch-millis".into(),
                     "5".into(),
                 ]);
@@ -145,7 +163,27 @@ impl Pipeline {
         }
     }
 
+    /// The proxy the translator reaches `service` through (`link_proxies` only).
+    pub fn link_proxy(&self, service: Service) -> Option<&FaultProxy> {
+        match service {
+            Service::Watcher => self.watcher_proxy.as_ref(),
+            Service::Writer => self.writer_proxy.as_ref(),
+            Service::Translator => None,
+        }
+    }
+
+    /// Where the translator dials `service`: its proxy when there is one.
+    fn dialled_addr(&self, service: Service) -> SocketAddr {
+        match self.link_proxy(service) {
+            Some(proxy) => proxy.addr(),
+            None => self.addr(service),
+        }
+    }
+
     pub async fn start_service(&mut self, service: Service) -> Result<()> {
+        if let Some(proxy) = self.link_proxy(service) {
+            proxy.set_upstream(self.addr(service));
+        }
         let mut command = Command::new(&self.binary);
         command
             .args(self.args(service))

@@ -1,155 +1,224 @@
-//! Fault matrix (issue 8): a burst of changes while each service is SIGKILLed at a random
-//! point. Afterwards Consul holds exactly the intentions the SMI objects grant, and at no
-//! sampled moment during recovery (every 50 ms) did an owned intention allow a pair that the
-//! SMI objects never granted.
+//! Fault matrix (issue 8). Each case runs a burst of SMI changes while one kind of fault
+//! happens, then checks that
+//! - Consul ends with exactly the owned intentions the remaining SMI objects grant;
+//! - the intentions an operator wrote (including one that conflicts with an SMI grant) are
+//!   byte-for-byte unchanged;
+//! - at no sampled moment (every 50 ms, read straight from Consul) did an owned intention
+//!   allow a pair no SMI object granted, or allow again a pair whose access had been seen
+//!   revoked after its TrafficTarget was deleted.
+//!
+//! Faults: each service SIGKILLed at random points during 1,000 changes; Consul unreachable
+//! (network partition) and then answering slowly, also slower than the writer's timeout;
+//! Consul crashed and back empty; the API server restarted with deletions made while it was
+//! down; the translator's gRPC connections cut in the middle of a message.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use consul_smi_e2e::env::{E2eEnv, eventually};
+use consul_smi_e2e::env::{E2eEnv, LocalOptions, eventually};
+use consul_smi_e2e::kube::KubeApiServer;
+use consul_smi_e2e::oracle::{self, GrantSampler, Pair};
 use consul_smi_e2e::services::Service;
 
-/// 150 creations + 50 deletions = 200 changes.
-const CREATED: usize = 150;
-const DELETED: usize = 50;
-const CHUNK: usize = 10;
+/// The SMI objects of one case: TrafficTarget `fault-{salt}-{i}` grants
+/// `web-{salt}-{i} → api-{salt}-{i}` through TCPRoute `fault-{salt}-{i}`.
+struct Burst {
+    salt: String,
+}
 
-fn target(s: &str, i: usize) -> String {
-    format!(
-        "apiVersion: specs.smi-spec.io/v1alpha4
+impl Burst {
+    fn new(seed: u32) -> Burst {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        Burst {
+            salt: format!("{:04x}", (nanos ^ std::process::id() ^ seed) as u16),
+        }
+    }
+
+    fn infix(&self) -> String {
+        format!("-{}-", self.salt)
+    }
+
+    fn name(&self, i: usize) -> String {
+        format!("fault-{}-{i}", self.salt)
+    }
+
+    fn pair(&self, i: usize) -> Pair {
+        (
+            format!("web-{}-{i}", self.salt),
+            format!("api-{}-{i}", self.salt),
+        )
+    }
+
+    fn pairs(&self, indexes: impl IntoIterator<Item = usize>) -> BTreeSet<Pair> {
+        indexes.into_iter().map(|i| self.pair(i)).collect()
+    }
+
+    fn target(&self, i: usize) -> String {
+        let (name, (source, destination)) = (self.name(i), self.pair(i));
+        format!(
+            "apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {{name: {name}, namespace: default}}
+spec:
+  destination: {{kind: ServiceAccount, name: {destination}, namespace: default}}
+  rules:
+  - {{kind: TCPRoute, name: {name}}}
+  sources:
+  - {{kind: ServiceAccount, name: {source}, namespace: default}}
+"
+        )
+    }
+
+    fn route_and_target(&self, i: usize) -> String {
+        format!(
+            "apiVersion: specs.smi-spec.io/v1alpha4
 kind: TCPRoute
-metadata: {{name: fault-{s}-{i}, namespace: default}}
+metadata: {{name: {}, namespace: default}}
 spec:
   matches:
     ports: []
 ---
 {}",
-        target_only(s, i)
-    )
+            self.name(i),
+            self.target(i)
+        )
+    }
+
+    async fn create(&self, env: &E2eEnv, indexes: impl IntoIterator<Item = usize>) -> Result<()> {
+        let manifests: Vec<String> = indexes
+            .into_iter()
+            .map(|i| self.route_and_target(i))
+            .collect();
+        if manifests.is_empty() {
+            return Ok(());
+        }
+        env.apply(&manifests.join("---\n")).await
+    }
+
+    /// Deletes the TrafficTargets and tells the sampler their grants are gone.
+    async fn delete(
+        &self,
+        env: &E2eEnv,
+        sampler: &GrantSampler,
+        indexes: impl IntoIterator<Item = usize>,
+    ) -> Result<()> {
+        for i in indexes {
+            env.delete(&self.target(i)).await?;
+            sampler.deleted(self.pair(i));
+        }
+        Ok(())
+    }
+
+    /// An operator's intentions among this burst's services: a deny on the pair that
+    /// TrafficTarget `conflict` also grants (consul-smi must report it, never overwrite it) and
+    /// an unrelated allow.
+    async fn operator_intentions(&self, env: &E2eEnv, conflict: usize) -> Result<()> {
+        let (source, destination) = self.pair(conflict);
+        env.create_foreign_intention(&source, &destination, "deny")
+            .await?;
+        env.create_foreign_intention(
+            &format!("ops-{}", self.salt),
+            &format!("db-{}", self.salt),
+            "allow",
+        )
+        .await
+    }
 }
 
-fn target_only(s: &str, i: usize) -> String {
-    format!(
-        "apiVersion: access.smi-spec.io/v1alpha3
-kind: TrafficTarget
-metadata: {{name: fault-{s}-{i}, namespace: default}}
-spec:
-  destination: {{kind: ServiceAccount, name: api-{s}-{i}, namespace: default}}
-  rules:
-  - {{kind: TCPRoute, name: fault-{s}-{i}}}
-  sources:
-  - {{kind: ServiceAccount, name: web-{s}-{i}, namespace: default}}
-"
-    )
-}
-
-fn pair(s: &str, i: usize) -> (String, String) {
-    (format!("web-{s}-{i}"), format!("api-{s}-{i}"))
-}
-
-/// Owned allow intentions of this test (by the `-{s}-` infix), read straight from Consul's
-/// HTTP API so sampling runs concurrently with the harness killing services.
-async fn owned_allows(
-    http: &reqwest::Client,
-    consul: &str,
-    s: &str,
-) -> Result<BTreeSet<(String, String)>> {
-    let list: Vec<serde_json::Value> = http
-        .get(format!("{consul}/v1/connect/intentions"))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let infix = format!("-{s}-");
-    Ok(list
-        .iter()
-        .filter(|i| i["Action"] == "allow")
-        .filter(|i| {
-            i["Meta"]
-                .as_object()
-                .is_some_and(|m| m.keys().any(|k| k.contains("consul-smi")))
-        })
-        .map(|i| {
-            (
-                i["SourceName"].as_str().unwrap_or_default().to_string(),
-                i["DestinationName"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            )
-        })
-        .filter(|(_, d)| d.contains(&infix))
-        .collect())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn burst_with_each_service_sigkilled_converges_and_never_over_grants() -> Result<()> {
-    let mut env = E2eEnv::start().await?;
-    let consul = env
+fn consul_url(env: &E2eEnv) -> Result<String> {
+    Ok(env
         .consul_agent()
         .context("the fault matrix needs the local harness (unset CONSUL_SMI_E2E_KUBECONFIG)")?
-        .url();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .subsec_nanos() as usize;
-    let s = format!("{:04x}", (nanos ^ std::process::id() as usize) as u16);
+        .url())
+}
 
-    // Every pair any SMI object of this test ever grants.
-    let ever_granted: BTreeSet<_> = (0..CREATED).map(|i| pair(&s, i)).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = tokio::spawn({
-        let (stop, consul, s, ever_granted) = (
-            stop.clone(),
-            consul.clone(),
-            s.clone(),
-            ever_granted.clone(),
+async fn converged(
+    env: &E2eEnv,
+    burst: &Burst,
+    expected: &BTreeSet<Pair>,
+    timeout: Duration,
+) -> Result<()> {
+    let (http, consul) = (reqwest::Client::new(), consul_url(env)?);
+    eventually(
+        "owned allow intentions == the pairs the remaining TrafficTargets grant",
+        timeout,
+        || async { Ok(oracle::owned_allows(&http, &consul, &burst.infix()).await? == *expected) },
+    )
+    .await
+}
+
+/// The operator's intentions, compared before and after the faults.
+struct ForeignIntentions(std::collections::BTreeMap<String, serde_json::Value>);
+
+impl ForeignIntentions {
+    async fn read(env: &E2eEnv) -> Result<ForeignIntentions> {
+        let foreign =
+            oracle::foreign_intentions(&reqwest::Client::new(), &consul_url(env)?).await?;
+        anyhow::ensure!(
+            foreign.len() >= 3,
+            "operator intentions missing: {foreign:?}"
         );
-        async move {
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(1))
-                .build()
-                .expect("reqwest client");
-            let (mut samples, mut violations) = (0u32, Vec::new());
-            while !stop.load(Ordering::Relaxed) {
-                // Consul itself is not faulted here; a failed read is simply not a sample.
-                if let Ok(allows) = owned_allows(&http, &consul, &s).await {
-                    samples += 1;
-                    violations.extend(allows.difference(&ever_granted).cloned());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (samples, violations)
-        }
-    });
+        Ok(ForeignIntentions(foreign))
+    }
 
-    // One kill point per service, at random chunks of the 200 changes.
-    let chunks = (CREATED + DELETED) / CHUNK;
+    async fn assert_unchanged(&self, env: &E2eEnv) -> Result<()> {
+        let now = ForeignIntentions::read(env).await?;
+        anyhow::ensure!(
+            now.0 == self.0,
+            "intentions consul-smi does not own changed:\nbefore {:#?}\nafter {:#?}",
+            self.0,
+            now.0
+        );
+        Ok(())
+    }
+}
+
+/// 700 creations and 300 deletions, in chunks of 50.
+const KILL_CREATED: usize = 700;
+const KILL_DELETED: usize = 300;
+const KILL_CHUNK: usize = 50;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_1000_changes_with_each_service_sigkilled_converges_and_never_over_grants()
+-> Result<()> {
+    let mut env = E2eEnv::start().await?;
+    let burst = Burst::new(0);
+    let conflict = 1;
+    burst.operator_intentions(&env, conflict).await?;
+    let foreign = ForeignIntentions::read(&env).await?;
+    let mut grantable = burst.pairs(0..KILL_CREATED);
+    grantable.remove(&burst.pair(conflict));
+    let sampler = GrantSampler::start(consul_url(&env)?, burst.infix(), grantable.clone());
+
+    let seed = burst.salt.len() + u16::from_str_radix(&burst.salt, 16)? as usize;
+    let chunks = (KILL_CREATED + KILL_DELETED) / KILL_CHUNK;
     let kill_at = [
-        (nanos % chunks, Service::Watcher),
-        ((nanos / 7) % chunks, Service::Translator),
-        ((nanos / 49) % chunks, Service::Writer),
+        (seed % chunks, Service::Watcher),
+        ((seed / 7) % chunks, Service::Translator),
+        ((seed / 49) % chunks, Service::Writer),
+        ((seed / 343) % chunks, Service::Writer),
     ];
-    eprintln!("kill points (chunk of {CHUNK} changes): {kill_at:?}");
-    let changes: Vec<(bool, usize)> = (0..CREATED)
-        .map(|i| (true, i))
-        .chain((0..DELETED).map(|i| (false, i * 3)))
+    eprintln!("kill points (chunk of {KILL_CHUNK} changes): {kill_at:?}");
+    // From the 100th creation on, every other one is followed by the deletion of the object
+    // created 100 earlier: the even indexes below 600 go.
+    let changes: Vec<(bool, usize)> = (0..KILL_CREATED)
+        .flat_map(|i| {
+            let delete = (i >= 100 && i % 2 == 0).then(|| (false, i - 100));
+            std::iter::once((true, i)).chain(delete)
+        })
         .collect();
-    for (chunk, batch) in changes.chunks(CHUNK).enumerate() {
-        let creates: Vec<String> = batch
-            .iter()
-            .filter(|c| c.0)
-            .map(|c| target(&s, c.1))
-            .collect();
-        if !creates.is_empty() {
-            env.apply(&creates.join("---\n")).await?;
-        }
-        for (_, i) in batch.iter().filter(|c| !c.0) {
-            env.delete(&target_only(&s, *i)).await?;
-        }
+    assert_eq!(changes.len(), KILL_CREATED + KILL_DELETED);
+    for (chunk, batch) in changes.chunks(KILL_CHUNK).enumerate() {
+        burst
+            .create(&env, batch.iter().filter(|c| c.0).map(|c| c.1))
+            .await?;
+        burst
+            .delete(&env, &sampler, batch.iter().filter(|c| !c.0).map(|c| c.1))
+            .await?;
         for (at, service) in kill_at {
             if at == chunk {
                 env.kill(service).await?;
@@ -158,106 +227,206 @@ async fn burst_with_each_service_sigkilled_converges_and_never_over_grants() -> 
         }
     }
 
-    let expected: BTreeSet<_> = (0..CREATED)
-        .filter(|i| !(i % 3 == 0 && i / 3 < DELETED))
-        .map(|i| pair(&s, i))
-        .collect();
-    let http = reqwest::Client::new();
-    eventually(
-        "owned allow intentions == the pairs the remaining TrafficTargets grant",
-        Duration::from_secs(60),
-        || async { Ok(owned_allows(&http, &consul, &s).await? == expected) },
-    )
+    let deleted: BTreeSet<usize> = changes.iter().filter(|c| !c.0).map(|c| c.1).collect();
+    assert_eq!(deleted.len(), KILL_DELETED);
+    let mut expected = burst.pairs((0..KILL_CREATED).filter(|i| !deleted.contains(i)));
+    expected.remove(&burst.pair(conflict));
+    converged(&env, &burst, &expected, Duration::from_secs(90)).await?;
+    // Sample the converged state too, then stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sampler.finish(10).await?;
+    foreign.assert_unchanged(&env).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_partitioned_then_slow_then_slower_than_the_timeout_converges_and_never_over_grants()
+-> Result<()> {
+    let env = E2eEnv::start_with(LocalOptions {
+        consul_proxy: true,
+        writer_args: vec!["--consul-request-timeout".into(), "1s".into()],
+        ..LocalOptions::default()
+    })
     .await?;
-    stop.store(true, Ordering::Relaxed);
-    let (samples, violations) = sampler.await?;
-    eprintln!("{samples} samples of Consul's intentions during the burst and recovery");
-    assert!(samples > 10, "the sampler barely ran ({samples} samples)");
+    let burst = Burst::new(1);
+    let proxy = env.consul_proxy().context("consul proxy")?;
+    let conflict = 13;
+    burst.operator_intentions(&env, conflict).await?;
+    let foreign = ForeignIntentions::read(&env).await?;
+
+    burst.create(&env, 0..20).await?;
+    let mut first = burst.pairs(0..20);
+    first.remove(&burst.pair(conflict));
+    converged(&env, &burst, &first, Duration::from_secs(30)).await?;
+    let mut grantable = burst.pairs(0..60);
+    grantable.remove(&burst.pair(conflict));
+    let sampler = GrantSampler::start(consul_url(&env)?, burst.infix(), grantable);
+
+    // Unreachable: every connection to Consul dropped, for 3 s of changes.
+    proxy.set_partitioned(true);
+    burst.create(&env, 20..30).await?;
+    burst.delete(&env, &sampler, 0..5).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.set_partitioned(false);
+
+    // Slow: every answer 300 ms late.
+    proxy.set_answer_delay(Duration::from_millis(300));
+    burst.create(&env, 30..45).await?;
+    burst.delete(&env, &sampler, 5..8).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Slower than the writer's 1 s timeout: Consul performs each write, the writer never
+    // hears back and retries (a create it already made answers "duplicate intention").
+    proxy.set_answer_delay(Duration::from_millis(1500));
+    burst.create(&env, 45..60).await?;
+    burst.delete(&env, &sampler, 8..10).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.set_answer_delay(Duration::ZERO);
+
+    let mut expected = burst.pairs(10..60);
+    expected.remove(&burst.pair(conflict));
+    converged(&env, &burst, &expected, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sampler.finish(20).await?;
+    foreign.assert_unchanged(&env).await?;
     assert!(
-        violations.is_empty(),
-        "owned intentions granted pairs no SMI object granted: {violations:?}"
+        proxy.connections() > 1,
+        "the writer never reconnected through the proxy ({} connections)",
+        proxy.connections()
     );
     Ok(())
 }
 
+/// A dev agent comes back empty: the writer must write everything again (its owned state
+/// and the operator's `* → *` deny are gone; the harness restores the deny).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consul_unreachable_for_a_while_then_back_converges_and_never_over_grants() -> Result<()> {
+async fn consul_crashed_and_back_empty_converges_and_never_over_grants() -> Result<()> {
     let mut env = E2eEnv::start().await?;
-    let consul = env
-        .consul_agent()
-        .context("the fault matrix needs the local harness (unset CONSUL_SMI_E2E_KUBECONFIG)")?
-        .url();
-    let s = format!("{:04x}", std::process::id() as u16 ^ 0x5a5a);
-    let http = reqwest::Client::new();
-    let created = |range: std::ops::Range<usize>| -> String {
-        range
-            .map(|i| target(&s, i))
-            .collect::<Vec<_>>()
-            .join("---\n")
-    };
+    let burst = Burst::new(2);
+    burst.create(&env, 0..20).await?;
+    converged(&env, &burst, &burst.pairs(0..20), Duration::from_secs(30)).await?;
+    let sampler = GrantSampler::start(consul_url(&env)?, burst.infix(), burst.pairs(0..40));
 
-    env.apply(&created(0..20)).await?;
-    let first: BTreeSet<_> = (0..20).map(|i| pair(&s, i)).collect();
-    eventually(
-        "the first 20 pairs granted",
-        Duration::from_secs(30),
-        || async { Ok(owned_allows(&http, &consul, &s).await? == first) },
-    )
-    .await?;
-
-    let ever_granted: BTreeSet<_> = (0..40).map(|i| pair(&s, i)).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = tokio::spawn({
-        let (stop, consul, s, ever_granted) = (
-            stop.clone(),
-            consul.clone(),
-            s.clone(),
-            ever_granted.clone(),
-        );
-        async move {
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(1))
-                .build()
-                .expect("reqwest client");
-            let (mut samples, mut violations) = (0u32, Vec::new());
-            while !stop.load(Ordering::Relaxed) {
-                // While Consul is down a read fails: not a sample.
-                if let Ok(allows) = owned_allows(&http, &consul, &s).await {
-                    samples += 1;
-                    violations.extend(allows.difference(&ever_granted).cloned());
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (samples, violations)
-        }
-    });
-
-    // Consul goes away; SMI changes keep coming (20 creations, 10 deletions).
     env.stop_consul()?;
-    env.apply(&created(20..40)).await?;
-    for i in 0..10 {
-        env.delete(&target_only(&s, i)).await?;
-    }
+    burst.create(&env, 20..40).await?;
+    burst.delete(&env, &sampler, 0..10).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     env.start_consul().await?;
 
-    let expected: BTreeSet<_> = (10..40).map(|i| pair(&s, i)).collect();
-    eventually(
-        "owned allow intentions == the pairs the remaining TrafficTargets grant",
-        Duration::from_secs(60),
-        || async { Ok(owned_allows(&http, &consul, &s).await? == expected) },
-    )
-    .await?;
-    // Recovery takes well under a second after the outage and reads fail during it: keep
-    // sampling the converged state for a while so the sampler has observed something.
+    converged(&env, &burst, &burst.pairs(10..40), Duration::from_secs(60)).await?;
+    // Reads fail while Consul is down and recovery is quick: sample the converged state.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (samples, violations) = sampler.await?;
-    eprintln!("{samples} samples of Consul's intentions around the outage");
-    assert!(samples >= 3, "the sampler barely ran ({samples} samples)");
+    sampler.finish(3).await?;
+    Ok(())
+}
+
+/// The API server goes away mid-burst; while it is down, TrafficTargets disappear behind its
+/// back (deleted in etcd, as another API server replica would): the watcher must find the
+/// deletions when it lists again, and revoke them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_restarted_with_deletions_while_down_converges_and_never_over_grants()
+-> Result<()> {
+    let mut env = E2eEnv::start().await?;
+    let burst = Burst::new(3);
+    let conflict = 42;
+    burst.operator_intentions(&env, conflict).await?;
+    let foreign = ForeignIntentions::read(&env).await?;
+    let mut grantable = burst.pairs(0..100);
+    grantable.remove(&burst.pair(conflict));
+    let sampler = GrantSampler::start(consul_url(&env)?, burst.infix(), grantable);
+
+    burst.create(&env, 0..60).await?;
+    let mut expected = burst.pairs(0..60);
+    expected.remove(&burst.pair(conflict));
+    // The first grants must have reached Consul so their revocation is observable.
+    converged(&env, &burst, &expected, Duration::from_secs(30)).await?;
+    burst.create(&env, 60..70).await?;
+
+    let apiserver = env.apiserver().context("local API server")?;
+    apiserver.stop_apiserver();
+    for i in 0..10 {
+        let key = KubeApiServer::etcd_key(
+            "access.smi-spec.io",
+            "traffictargets",
+            "default",
+            &burst.name(i),
+        );
+        anyhow::ensure!(apiserver.etcd_delete(&key)? == 1, "no etcd key {key}");
+        sampler.deleted(burst.pair(i));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    apiserver.start_apiserver().await?;
+
+    burst.create(&env, 70..100).await?;
+    burst.delete(&env, &sampler, 10..20).await?;
+
+    let mut expected = burst.pairs(20..100);
+    expected.remove(&burst.pair(conflict));
+    converged(&env, &burst, &expected, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sampler.finish(10).await?;
+    foreign.assert_unchanged(&env).await
+}
+
+/// The translator's stream from the watcher and its link to the writer are cut in the
+/// middle of an HTTP/2 frame, three times each, during a burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_links_cut_mid_message_converge_and_never_over_grant() -> Result<()> {
+    let env = E2eEnv::start_with(LocalOptions {
+        link_proxies: true,
+        ..LocalOptions::default()
+    })
+    .await?;
+    let burst = Burst::new(4);
+    let conflict = 7;
+    burst.operator_intentions(&env, conflict).await?;
+    let foreign = ForeignIntentions::read(&env).await?;
+    let mut grantable = burst.pairs(0..200);
+    grantable.remove(&burst.pair(conflict));
+    let sampler = GrantSampler::start(consul_url(&env)?, burst.infix(), grantable);
+    let watch_stream = env.link_proxy(Service::Watcher).context("watcher proxy")?;
+    let writer_link = env.link_proxy(Service::Writer).context("writer proxy")?;
+
+    for chunk in 0..20 {
+        let created = chunk * 10..chunk * 10 + 10;
+        match chunk {
+            3 | 9 | 15 => watch_stream.cut_mid_message(),
+            6 | 12 | 18 => writer_link.cut_mid_message(),
+            _ => {}
+        }
+        burst.create(&env, created).await?;
+        if chunk >= 2 {
+            // Deletes objects of two chunks ago, every fourth.
+            let old = (chunk - 2) * 10;
+            burst
+                .delete(
+                    &env,
+                    &sampler,
+                    (old..old + 10).filter(|i| i.is_multiple_of(4)),
+                )
+                .await?;
+        }
+    }
+    let deleted = |i: &usize| *i < 180 && i.is_multiple_of(4);
+    let mut expected = burst.pairs((0..200).filter(|i| !deleted(i)));
+    expected.remove(&burst.pair(conflict));
+    converged(&env, &burst, &expected, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sampler.finish(10).await?;
+    foreign.assert_unchanged(&env).await?;
+    eprintln!(
+        "cut mid-message: watch stream {} of {} connections, writer link {} of {}",
+        watch_stream.cut_connections(),
+        watch_stream.connections(),
+        writer_link.cut_connections(),
+        writer_link.connections()
+    );
     assert!(
-        violations.is_empty(),
-        "owned intentions granted pairs no SMI object granted: {violations:?}"
+        watch_stream.cut_connections() >= 1 && writer_link.cut_connections() >= 1,
+        "no connection was cut in the middle of a message"
+    );
+    assert!(
+        watch_stream.connections() > 1 && writer_link.connections() > 1,
+        "the translator did not reconnect after a cut"
     );
     Ok(())
 }
