@@ -85,6 +85,9 @@ pub struct DiagnosticsArgs {
     translator: String,
     /// Only this object, as Kind/namespace/name (e.g. TrafficTarget/default/api-clients).
     object: Option<String>,
+    /// mTLS to a translator that requires it: a certificate signed by the services' CA.
+    #[command(flatten)]
+    tls: consul_smi_grpc::tls::ClientTlsArgs,
 }
 
 /// Every YAML file under `paths`, sorted, so output is stable.
@@ -393,11 +396,14 @@ fn parse_object_ref(text: &str) -> Result<ObjectRef> {
 
 pub async fn diagnostics(args: &DiagnosticsArgs) -> Result<()> {
     let object = args.object.as_deref().map(parse_object_ref).transpose()?;
-    let mut client = v1::translator_diagnostics_client::TranslatorDiagnosticsClient::connect(
-        args.translator.clone(),
-    )
-    .await
-    .with_context(|| format!("connecting to smi-translator at {}", args.translator))?;
+    let endpoint =
+        consul_smi_grpc::tls::ClientEndpoint::new(&args.translator, args.tls.connector()?)?
+            .configure(|endpoint| endpoint.connect_timeout(std::time::Duration::from_secs(5)));
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to smi-translator at {}", args.translator))?;
+    let mut client = v1::translator_diagnostics_client::TranslatorDiagnosticsClient::new(channel);
     let response = client
         .list(v1::ListDiagnosticsRequest {
             object: object.as_ref().map(Into::into),
@@ -429,4 +435,40 @@ pub async fn diagnostics(args: &DiagnosticsArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::{Cli, Commands};
+
+    #[test]
+    fn diagnostics_takes_the_services_tls_flags() {
+        let cli = Cli::try_parse_from([
+            "consul-smi",
+            "diagnostics",
+            "--translator",
+            "http://smi-translator:7402",
+            "--tls-cert",
+            "/grpc-tls/tls.crt",
+            "--tls-key",
+            "/grpc-tls/tls.key",
+            "--tls-ca",
+            "/grpc-tls/ca.crt",
+            "TrafficTarget/default/api-clients",
+        ])
+        .unwrap();
+        let Commands::Diagnostics(args) = cli.command else {
+            panic!("not the diagnostics command");
+        };
+        let files = args.tls.files().unwrap().expect("TLS configured");
+        assert_eq!(files.cert, std::path::Path::new("/grpc-tls/tls.crt"));
+        assert_eq!(files.key, std::path::Path::new("/grpc-tls/tls.key"));
+        assert_eq!(files.ca, std::path::Path::new("/grpc-tls/ca.crt"));
+        assert_eq!(
+            args.object.as_deref(),
+            Some("TrafficTarget/default/api-clients")
+        );
+    }
 }

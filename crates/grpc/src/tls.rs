@@ -1,13 +1,16 @@
 //! Mutual TLS between the consul-smi services, and the plaintext policy without it.
 //!
-//! Servers present a certificate that is re-read whenever its files change (cert-manager
-//! renews the Secret and the kubelet swaps the mounted files; a server that kept the first
-//! certificate would start failing every handshake once it expired) and accept only clients
-//! presenting a certificate signed by the configured CA. Without certificates, a server
-//! accepts plaintext only from loopback peers unless plaintext is explicitly allowed: the
-//! writer's `Apply` changes who may talk to whom in the mesh, so an unauthenticated network
-//! peer must not reach it by default.
+//! Every certificate, key and CA file is re-read on the first handshake after it changed
+//! (cert-manager renews the Secret and the kubelet swaps the mounted files; a service that
+//! kept the first certificate would start failing every handshake once it expired, and one
+//! that kept the first CA could never move to a new one). Servers present their certificate
+//! and accept only clients presenting a certificate signed by the configured CA; clients
+//! (the translator, `consul-smi diagnostics`) present theirs and verify the server against
+//! the same CA file. Without certificates, a server accepts plaintext only from loopback
+//! peers unless plaintext is explicitly allowed: the writer's `Apply` changes who may talk to
+//! whom in the mesh, so an unauthenticated network peer must not reach it by default.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,17 +19,22 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use rustls::RootCertStore;
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{debug, info, warn};
 
 /// A client that opens a connection and never finishes the handshake must not hold a task.
@@ -40,6 +48,8 @@ pub enum TlsError {
     Incomplete { missing: &'static str },
     #[error("TLS configuration: {0}")]
     Config(String),
+    #[error("invalid gRPC address {address:?}: {reason}")]
+    Address { address: String, reason: String },
 }
 
 /// Certificate paths (PEM) shared by the three services' command lines.
@@ -53,6 +63,7 @@ pub struct TlsArgs {
     #[arg(long = "tls-key", env = "CONSUL_SMI_TLS_KEY")]
     pub key: Option<PathBuf>,
     /// The CA (PEM) that signs every peer's certificate; clients without one are refused.
+    /// Every certificate in the file is trusted (old and new CA during a rotation).
     #[arg(long = "tls-ca", env = "CONSUL_SMI_TLS_CA")]
     pub ca: Option<PathBuf>,
     /// Without TLS, also accept plaintext gRPC from non-loopback peers.
@@ -64,6 +75,22 @@ pub struct TlsArgs {
     pub allow_plaintext: bool,
 }
 
+/// The certificate paths of a gRPC client that serves nothing (`consul-smi diagnostics`):
+/// the same flags and environment variables as [`TlsArgs`], without the server policy.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ClientTlsArgs {
+    /// Client certificate chain (PEM). With --tls-key and --tls-ca, connect with mutual TLS
+    /// (`http://` addresses are then dialled with TLS too).
+    #[arg(long = "tls-cert", env = "CONSUL_SMI_TLS_CERT")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long = "tls-key", env = "CONSUL_SMI_TLS_KEY")]
+    pub key: Option<PathBuf>,
+    /// The CA (PEM) that signs the server's certificate.
+    #[arg(long = "tls-ca", env = "CONSUL_SMI_TLS_CA")]
+    pub ca: Option<PathBuf>,
+}
+
 /// The three files of a complete mTLS configuration.
 #[derive(Clone, Debug)]
 pub struct TlsFiles<'a> {
@@ -72,10 +99,14 @@ pub struct TlsFiles<'a> {
     pub ca: &'a Path,
 }
 
-impl TlsArgs {
-    /// The configured files; `None` when no TLS flag is set, an error when only some are.
-    pub fn files(&self) -> Result<Option<TlsFiles<'_>>, TlsError> {
-        match (&self.cert, &self.key, &self.ca) {
+impl<'a> TlsFiles<'a> {
+    /// The configured files; `None` when no path is set, an error when only some are.
+    pub fn from_options(
+        cert: Option<&'a Path>,
+        key: Option<&'a Path>,
+        ca: Option<&'a Path>,
+    ) -> Result<Option<TlsFiles<'a>>, TlsError> {
+        match (cert, key, ca) {
             (None, None, None) => Ok(None),
             (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles { cert, key, ca })),
             (cert, key, _) => Err(TlsError::Incomplete {
@@ -89,25 +120,29 @@ impl TlsArgs {
             }),
         }
     }
+}
+
+impl TlsArgs {
+    /// The configured files; `None` when no TLS flag is set, an error when only some are.
+    pub fn files(&self) -> Result<Option<TlsFiles<'_>>, TlsError> {
+        TlsFiles::from_options(
+            self.cert.as_deref(),
+            self.key.as_deref(),
+            self.ca.as_deref(),
+        )
+    }
 
     /// The rustls server configuration (client certificates required), if TLS is configured.
     pub fn server_config(&self) -> Result<Option<rustls::ServerConfig>, TlsError> {
         self.files()?.map(|files| server_config(&files)).transpose()
     }
 
-    /// The tonic client configuration (CA + client identity), if TLS is configured.
-    pub fn client_config(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, TlsError> {
-        let Some(files) = self.files()? else {
-            return Ok(None);
-        };
-        let ca = read(files.ca)?;
-        let cert = read(files.cert)?;
-        let key = read(files.key)?;
-        Ok(Some(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-                .identity(tonic::transport::Identity::from_pem(cert, key)),
-        ))
+    /// The connector for this service's gRPC clients, if TLS is configured. Clone it for
+    /// every endpoint: the clones share one view of the files.
+    pub fn connector(&self) -> Result<Option<TlsConnector>, TlsError> {
+        self.files()?
+            .map(|files| TlsConnector::new(&files))
+            .transpose()
     }
 
     /// The accepted connections of `listener` for `tonic::transport::Server::serve_with_incoming*`:
@@ -121,40 +156,66 @@ impl TlsArgs {
     }
 }
 
+impl ClientTlsArgs {
+    /// The configured files; `None` when no TLS flag is set, an error when only some are.
+    pub fn files(&self) -> Result<Option<TlsFiles<'_>>, TlsError> {
+        TlsFiles::from_options(
+            self.cert.as_deref(),
+            self.key.as_deref(),
+            self.ca.as_deref(),
+        )
+    }
+
+    /// The client connector, if TLS is configured.
+    pub fn connector(&self) -> Result<Option<TlsConnector>, TlsError> {
+        self.files()?
+            .map(|files| TlsConnector::new(&files))
+            .transpose()
+    }
+}
+
 /// Whether a plaintext connection from `peer` may be served: loopback always (the local
 /// e2e/demo setup and sidecars), anything else only when explicitly allowed.
 pub fn plaintext_allowed(peer: SocketAddr, allow_plaintext: bool) -> bool {
     allow_plaintext || peer.ip().to_canonical().is_loopback()
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::File {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
-}
-
 /// A server configuration presenting the (reloading) certificate at `files.cert`/`files.key`
-/// and requiring a client certificate signed by `files.ca`.
+/// and requiring a client certificate signed by a CA in (the current) `files.ca`.
 pub fn server_config(files: &TlsFiles<'_>) -> Result<rustls::ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for ca in load_chain(files.ca)? {
-        roots.add(ca).map_err(|e| TlsError::File {
-            path: files.ca.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier = ReloadingClientCertVerifier::load(files.ca, provider.clone())?;
     let resolver = ReloadingCertificate::load(files.cert, files.key, provider.clone())?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // A resumed session skips client certificate verification: without resumption, a client
+    // whose CA was removed from --tls-ca is refused on its next connection, not only once
+    // its session expires. gRPC connections are long-lived, so the saved handshakes are few.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// A client configuration presenting the (reloading) certificate at `files.cert`/`files.key`
+/// and verifying the server against (the current) `files.ca`.
+pub fn client_config(files: &TlsFiles<'_>) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = ReloadingServerCertVerifier::load(files.ca, provider.clone())?;
+    let resolver = ReloadingCertificate::load(files.cert, files.key, provider.clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        // Still WebPKI verification, only with roots that follow the CA file.
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    // Every connection verifies the server against the current CA file.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 
@@ -288,15 +349,94 @@ impl AsyncWrite for ServerIo {
     }
 }
 
-type Stamp = (Option<SystemTime>, Option<SystemTime>);
+/// What identifies a version of a file: a rewrite in place changes the mtime and usually the
+/// length, the kubelet's symlink swap and a rename-over change the inode even within one
+/// mtime tick of a coarse filesystem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
 
-/// A certificate/key pair re-read on the first handshake after either file's mtime changes.
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some(FileStamp {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode,
+    })
+}
+
+type Loader<T> = Box<dyn Fn() -> Result<T, TlsError> + Send + Sync>;
+
+/// A value built from files, rebuilt on the first use after any of them changed. A failed
+/// rebuild (mid-rotation: new certificate, old key; a partial write; a CA file being
+/// replaced) keeps the previous value and is retried on the next use.
+struct Reloading<T> {
+    what: &'static str,
+    paths: Vec<PathBuf>,
+    load: Loader<T>,
+    current: RwLock<(Vec<Option<FileStamp>>, Arc<T>)>,
+}
+
+impl<T> Reloading<T> {
+    fn new(what: &'static str, paths: Vec<PathBuf>, load: Loader<T>) -> Result<Self, TlsError> {
+        let stamps = paths.iter().map(|p| file_stamp(p)).collect();
+        let value = Arc::new(load()?);
+        Ok(Reloading {
+            what,
+            paths,
+            load,
+            current: RwLock::new((stamps, value)),
+        })
+    }
+
+    fn get(&self) -> Arc<T> {
+        // Stamped before reading: a change during the read is seen again next time.
+        let stamps: Vec<_> = self.paths.iter().map(|p| file_stamp(p)).collect();
+        {
+            let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+            if current.0 == stamps {
+                return current.1.clone();
+            }
+        }
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.0 == stamps {
+            return current.1.clone();
+        }
+        match (self.load)() {
+            Ok(value) => {
+                info!(file = %self.paths[0].display(), "reloaded the TLS {}", self.what);
+                *current = (stamps, Arc::new(value));
+            }
+            Err(e) => warn!(
+                error = %e,
+                "cannot reload the TLS {}; keeping the previous one", self.what
+            ),
+        }
+        current.1.clone()
+    }
+}
+
+impl<T> std::fmt::Debug for Reloading<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloading")
+            .field("what", &self.what)
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A certificate/key pair re-read on the first handshake after either file changes; serves
+/// as a server's certificate and as a client's certificate.
 #[derive(Debug)]
 pub struct ReloadingCertificate {
-    cert_path: PathBuf,
-    key_path: PathBuf,
-    provider: Arc<CryptoProvider>,
-    current: RwLock<(Stamp, Arc<CertifiedKey>)>,
+    current: Reloading<CertifiedKey>,
 }
 
 impl ReloadingCertificate {
@@ -305,45 +445,360 @@ impl ReloadingCertificate {
         key: &Path,
         provider: Arc<CryptoProvider>,
     ) -> Result<ReloadingCertificate, TlsError> {
-        let stamp = stamp(cert, key);
-        let certified = Arc::new(load_certified_key(cert, key, &provider)?);
+        let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
+        let paths = vec![cert.clone(), key.clone()];
+        let load = move || load_certified_key(&cert, &key, &provider);
         Ok(ReloadingCertificate {
-            cert_path: cert.to_path_buf(),
-            key_path: key.to_path_buf(),
-            provider,
-            current: RwLock::new((stamp, certified)),
+            current: Reloading::new("certificate", paths, Box::new(load))?,
         })
     }
 }
 
 impl ResolvesServerCert for ReloadingCertificate {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let stamp = stamp(&self.cert_path, &self.key_path);
-        {
-            let current = self.current.read().unwrap_or_else(|p| p.into_inner());
-            if current.0 == stamp {
-                return Some(current.1.clone());
-            }
-        }
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        match load_certified_key(&self.cert_path, &self.key_path, &self.provider) {
-            Ok(certified) => {
-                info!(cert = %self.cert_path.display(), "reloaded the TLS certificate");
-                *current = (stamp, Arc::new(certified));
-            }
-            // Mid-rotation (new certificate, old key) or a partial write: keep serving the
-            // previous pair and try again on the next handshake.
-            Err(e) => {
-                warn!(error = %e, "cannot reload the TLS certificate; keeping the previous one")
-            }
-        }
-        Some(current.1.clone())
+        Some(self.current.get())
     }
 }
 
-fn stamp(cert: &Path, key: &Path) -> Stamp {
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    (modified(cert), modified(key))
+impl ResolvesClientCert for ReloadingCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        let certified = self.current.get();
+        // Without a usable scheme, sending no certificate makes the server's refusal say so.
+        certified
+            .key
+            .choose_scheme(sigschemes)
+            .is_some()
+            .then_some(certified)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The roots of a CA file: every certificate in it (during a CA rotation it holds the old and
+/// the new CA).
+fn load_roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_chain(ca)? {
+        roots.add(cert).map_err(|e| TlsError::File {
+            path: ca.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A server's verification of client certificates against the CA file, rebuilt on the first
+/// handshake after the file changes.
+#[derive(Debug)]
+pub struct ReloadingClientCertVerifier {
+    current: Reloading<Arc<dyn ClientCertVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ReloadingClientCertVerifier {
+    pub fn load(
+        ca: &Path,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<ReloadingClientCertVerifier, TlsError> {
+        let path = ca.to_path_buf();
+        let verifier_provider = provider.clone();
+        let load = move || -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+            WebPkiClientVerifier::builder_with_provider(
+                load_roots(&path)?,
+                verifier_provider.clone(),
+            )
+            .build()
+            .map_err(|e| TlsError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+        };
+        Ok(ReloadingClientCertVerifier {
+            current: Reloading::new("CA", vec![ca.to_path_buf()], Box::new(load))?,
+            provider,
+        })
+    }
+}
+
+impl ClientCertVerifier for ReloadingClientCertVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    // The hints would borrow from a verifier that a reload may replace. No hint is valid TLS:
+    // the client then sends the certificate it has, and every consul-smi client has one.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current
+            .get()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client's verification of the server certificate (chain and name) against the CA file,
+/// rebuilt on the first handshake after the file changes.
+#[derive(Debug)]
+pub struct ReloadingServerCertVerifier {
+    current: Reloading<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ReloadingServerCertVerifier {
+    pub fn load(
+        ca: &Path,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<ReloadingServerCertVerifier, TlsError> {
+        let path = ca.to_path_buf();
+        let verifier_provider = provider.clone();
+        let load = move || {
+            WebPkiServerVerifier::builder_with_provider(
+                load_roots(&path)?,
+                verifier_provider.clone(),
+            )
+            .build()
+            .map_err(|e| TlsError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            })
+        };
+        Ok(ReloadingServerCertVerifier {
+            current: Reloading::new("CA", vec![ca.to_path_buf()], Box::new(load))?,
+            provider,
+        })
+    }
+}
+
+impl ServerCertVerifier for ReloadingServerCertVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.current.get().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Dials a gRPC server and runs the TLS client handshake with the current certificate and CA
+/// (a tower `Service<Uri>` for `Endpoint::connect_with_connector`; tonic calls it for every
+/// connection, reconnects included). The server name is the URI's host, DNS name or IP.
+#[derive(Clone)]
+pub struct TlsConnector {
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConnector").finish_non_exhaustive()
+    }
+}
+
+impl TlsConnector {
+    pub fn new(files: &TlsFiles<'_>) -> Result<TlsConnector, TlsError> {
+        Ok(TlsConnector {
+            tls: tokio_rustls::TlsConnector::from(Arc::new(client_config(files)?)),
+        })
+    }
+}
+
+type ClientStream = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl tower::Service<Uri> for TlsConnector {
+    type Response = ClientStream;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<ClientStream>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let invalid = |reason: String| io::Error::new(io::ErrorKind::InvalidInput, reason);
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid(format!("no host in {uri}")))?;
+            // The authority form of an IPv6 address is bracketed; names and sockets are not.
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let server_name = ServerName::try_from(host.clone())
+                .map_err(|e| invalid(format!("server name {host:?}: {e}")))?;
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            // Small messages (deltas, acks) should leave at once, not wait for Nagle.
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(tls.connect(server_name, tcp).await?))
+        })
+    }
+}
+
+/// A gRPC server address with the way to reach it: plaintext, or mutual TLS through a
+/// [`TlsConnector`] (every connection and reconnection of its channels reads the current
+/// certificate and CA).
+#[derive(Clone, Debug)]
+pub struct ClientEndpoint {
+    endpoint: Endpoint,
+    tls: Option<TlsConnector>,
+}
+
+impl ClientEndpoint {
+    /// `address` is `http://host:port` or `https://host:port`. With `tls`, both are dialled
+    /// with TLS (the defaults and existing manifests say `http://`) and the server's
+    /// certificate must name `host`; without, `https://` cannot connect.
+    pub fn new(address: &str, tls: Option<TlsConnector>) -> Result<ClientEndpoint, TlsError> {
+        let error = |reason: &dyn std::fmt::Display| TlsError::Address {
+            address: address.to_string(),
+            reason: reason.to_string(),
+        };
+        let endpoint = match &tls {
+            None => Endpoint::from_shared(address.to_string()).map_err(|e| error(&e))?,
+            Some(_) => {
+                let uri: Uri = address.parse().map_err(|e| error(&e))?;
+                let default_port = match uri.scheme_str() {
+                    Some("http") => 80,
+                    Some("https") => 443,
+                    _ => return Err(error(&"expected http://host:port or https://host:port")),
+                };
+                let authority = uri.authority().ok_or_else(|| error(&"no host"))?;
+                let host_port = match authority.port_u16() {
+                    Some(_) => authority.to_string(),
+                    None => format!("{authority}:{default_port}"),
+                };
+                // tonic refuses `https://` with a connector of our own (it would add its own
+                // TLS): it dials the `http://` form through the connector, which does TLS,
+                // and requests name the `https://` origin.
+                let origin: Uri = format!("https://{host_port}")
+                    .parse()
+                    .map_err(|e| error(&e))?;
+                Endpoint::from_shared(format!("http://{host_port}"))
+                    .map_err(|e| error(&e))?
+                    .origin(origin)
+            }
+        };
+        Ok(ClientEndpoint { endpoint, tls })
+    }
+
+    /// The same address with tonic's endpoint settings changed (timeouts, keepalive...).
+    pub fn configure(self, configure: impl FnOnce(Endpoint) -> Endpoint) -> ClientEndpoint {
+        ClientEndpoint {
+            endpoint: configure(self.endpoint),
+            tls: self.tls,
+        }
+    }
+
+    /// The URI that is dialled.
+    pub fn uri(&self) -> &Uri {
+        self.endpoint.uri()
+    }
+
+    /// A channel connected now. tonic reconnects a failed channel through the same connector.
+    pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        match &self.tls {
+            Some(tls) => self.endpoint.connect_with_connector(tls.clone()).await,
+            None => self.endpoint.connect().await,
+        }
+    }
+
+    /// A channel that connects on first use.
+    pub fn connect_lazy(&self) -> Channel {
+        match &self.tls {
+            Some(tls) => self.endpoint.connect_with_connector_lazy(tls.clone()),
+            None => self.endpoint.connect_lazy(),
+        }
+    }
 }
 
 fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -1,12 +1,14 @@
-//! Real mTLS connections through `TlsArgs::incoming` and `TlsArgs::client_config`, with
-//! certificates made by the `openssl` CLI (as the e2e harness does for the API server).
+//! Real mTLS connections through `TlsArgs::incoming` and `ClientEndpoint` (the reloading
+//! client connector), with certificates made by the `openssl` CLI (as the e2e harness does
+//! for the API server); rotations replace the files as the kubelet does, with no restart.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, SystemTime};
 
-use consul_smi_grpc::tls::TlsArgs;
+use consul_smi_grpc::tls::{ClientEndpoint, TlsArgs};
 use tokio::net::TcpListener;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -134,6 +136,102 @@ async fn serve(args: &TlsArgs) -> u16 {
     port
 }
 
+/// A health server on `port` that stops (closing its connections) when the sender is dropped
+/// or sent to; binding is retried while the previous server on the port releases it.
+async fn serve_on(
+    args: &TlsArgs,
+    port: u16,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let listener = loop {
+        match TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(listener) => break listener,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("rebinding port {port}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("cannot bind port {port} again: {e}"),
+        }
+    };
+    let incoming = args.incoming(listener).expect("server TLS config");
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("health server");
+    });
+    (stop, server)
+}
+
+/// A health check through a fresh channel of `endpoint` (so a fresh TLS handshake).
+async fn check_endpoint(endpoint: &ClientEndpoint) -> Result<(), String> {
+    let channel = endpoint
+        .clone()
+        .configure(|e| {
+            e.connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(2))
+        })
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    check_channel(channel).await
+}
+
+async fn check_channel(channel: Channel) -> Result<(), String> {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("check: {e}"))
+}
+
+/// A client endpoint as the translator builds one, from the three flags.
+fn client_endpoint(address: &str, cert: &(PathBuf, PathBuf), ca: &Path) -> ClientEndpoint {
+    let args = TlsArgs {
+        cert: Some(cert.0.clone()),
+        key: Some(cert.1.clone()),
+        ca: Some(ca.to_path_buf()),
+        allow_plaintext: false,
+    };
+    let connector = args.connector().unwrap().expect("TLS configured");
+    ClientEndpoint::new(address, Some(connector)).unwrap()
+}
+
+/// Replaces `path` as the kubelet does (a new file swapped in), with a later mtime so that no
+/// filesystem timestamp granularity can hide the change.
+fn replace(path: &Path, contents: &[u8]) {
+    let new = path.with_extension("new");
+    std::fs::write(&new, contents).unwrap();
+    let previous = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let later = previous
+        .map(|t| t + Duration::from_secs(1))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+        .max(SystemTime::now());
+    std::fs::File::options()
+        .write(true)
+        .open(&new)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    std::fs::rename(&new, path).unwrap();
+}
+
+fn replace_with(path: &Path, sources: &[&Path]) {
+    let contents: Vec<u8> = sources
+        .iter()
+        .flat_map(|s| std::fs::read(s).unwrap())
+        .collect();
+    replace(path, &contents);
+}
+
 async fn check(port: u16, tls: Option<ClientTlsConfig>) -> Result<(), String> {
     let endpoint = match tls {
         Some(tls) => Endpoint::from_shared(format!("https://localhost:{port}"))
@@ -183,18 +281,26 @@ async fn mutual_tls_accepts_a_client_certificate_from_the_ca() {
     let client = pki.leaf("client", false);
     let port = serve(&server_args(&pki, &server)).await;
 
-    // The client side as the services build it, from the same three flags.
-    let client_args = TlsArgs {
-        cert: Some(client.0.clone()),
-        key: Some(client.1.clone()),
-        ca: Some(pki.ca_a.0.clone()),
-        allow_plaintext: false,
-    };
-    let tls = client_args
-        .client_config()
-        .unwrap()
-        .expect("TLS configured");
-    check(port, Some(tls)).await.expect("mTLS health check");
+    // `http://` is dialled with TLS; the server name may be a DNS name or an IP address.
+    for address in [
+        format!("http://localhost:{port}"),
+        format!("https://127.0.0.1:{port}"),
+    ] {
+        check_endpoint(&client_endpoint(&address, &client, &pki.ca_a.0))
+            .await
+            .unwrap_or_else(|e| panic!("mTLS health check via {address}: {e}"));
+    }
+    // The server's name is verified: the leaf names localhost and 127.0.0.1 only.
+    assert!(
+        check_endpoint(&client_endpoint(
+            &format!("https://127.0.0.2:{port}"),
+            &client,
+            &pki.ca_a.0
+        ))
+        .await
+        .is_err(),
+        "a server certificate not naming the address was accepted"
+    );
 }
 
 #[tokio::test]
@@ -252,4 +358,180 @@ async fn a_rotated_server_certificate_is_presented_without_a_restart() {
 async fn plaintext_from_loopback_is_served_without_tls() {
     let port = serve(&TlsArgs::default()).await;
     check(port, None).await.expect("loopback plaintext");
+}
+
+/// cert-manager moving every service from CA A to CA B: first the CA bundles hold both and the
+/// client certificate is reissued by B, then the server certificate is reissued by B and A is
+/// retired. Neither side restarts; every check is a new connection.
+#[tokio::test]
+async fn rotating_to_a_new_ca_needs_no_restart() {
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    let (ca_a, ca_b) = (pki.ca_a.0.as_path(), pki.ca_b.0.as_path());
+    let server = pki.leaf("server", false);
+    let server_ca = dir.join("server-ca.pem");
+    replace_with(&server_ca, &[ca_a]);
+    let port = serve(&TlsArgs {
+        cert: Some(server.0.clone()),
+        key: Some(server.1.clone()),
+        ca: Some(server_ca.clone()),
+        allow_plaintext: false,
+    })
+    .await;
+    let address = format!("http://localhost:{port}");
+
+    // The rotating client, and one whose certificate stays the first one from A (it trusts
+    // both CAs, so only the server can refuse it).
+    let client = pki.leaf("client", false);
+    let client_ca = dir.join("client-ca.pem");
+    replace_with(&client_ca, &[ca_a]);
+    let rotating = client_endpoint(&address, &client, &client_ca);
+    let stale_files = pki.leaf("stale-client", false);
+    let stale_ca = dir.join("stale-ca.pem");
+    replace_with(&stale_ca, &[ca_a, ca_b]);
+    let stale = client_endpoint(&address, &stale_files, &stale_ca);
+    check_endpoint(&rotating)
+        .await
+        .expect("before the rotation");
+    check_endpoint(&stale)
+        .await
+        .expect("stale client before the rotation");
+
+    // Transition: both CAs trusted everywhere, the client certificate reissued by B.
+    replace_with(&server_ca, &[ca_a, ca_b]);
+    replace_with(&client_ca, &[ca_a, ca_b]);
+    let client_b = pki.leaf("client-b", true);
+    replace(&client.1, &std::fs::read(&client_b.1).unwrap());
+    replace(&client.0, &std::fs::read(&client_b.0).unwrap());
+    check_endpoint(&rotating)
+        .await
+        .expect("the client certificate from B is accepted during the transition");
+    check_endpoint(&stale)
+        .await
+        .expect("a certificate from A is still accepted during the transition");
+
+    // A retired: the server certificate reissued by B, both CA files hold B only.
+    let server_b = pki.leaf("server-b", true);
+    replace(&server.1, &std::fs::read(&server_b.1).unwrap());
+    replace(&server.0, &std::fs::read(&server_b.0).unwrap());
+    replace_with(&server_ca, &[ca_b]);
+    replace_with(&client_ca, &[ca_b]);
+    // Succeeds only if the client presents its certificate from B (the server trusts only B)
+    // and verifies the server against B (the server's certificate is from B).
+    check_endpoint(&rotating)
+        .await
+        .expect("the rotated client reaches the rotated server");
+    assert!(
+        check_endpoint(&stale).await.is_err(),
+        "a client certificate from the retired CA was accepted"
+    );
+}
+
+/// A channel made before a rotation (as the translator keeps one per connection attempt, and
+/// tonic reconnects it in place) presents the new client certificate when it reconnects.
+#[tokio::test]
+async fn a_reconnecting_channel_presents_the_rotated_client_certificate() {
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    let server = pki.leaf("server", false);
+    let server_ca = dir.join("server-ca.pem");
+    replace_with(&server_ca, &[&pki.ca_a.0]);
+    let server_args = TlsArgs {
+        cert: Some(server.0.clone()),
+        key: Some(server.1.clone()),
+        ca: Some(server_ca.clone()),
+        allow_plaintext: false,
+    };
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (stop, stopped) = serve_on(&server_args, port).await;
+    let address = format!("http://localhost:{port}");
+
+    let client = pki.leaf("client", false);
+    let endpoint = client_endpoint(&address, &client, &pki.ca_a.0).configure(|e| {
+        e.connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(2))
+    });
+    let channel = endpoint.connect().await.expect("first connection");
+    check_channel(channel.clone())
+        .await
+        .expect("before the rotation");
+    let stale_files = pki.leaf("stale-client", false);
+
+    // The client certificate is reissued by B and the server trusts only B from now on; the
+    // established connection was authenticated before and stays.
+    let client_b = pki.leaf("client-b", true);
+    replace(&client.1, &std::fs::read(&client_b.1).unwrap());
+    replace(&client.0, &std::fs::read(&client_b.0).unwrap());
+    replace_with(&server_ca, &[&pki.ca_b.0]);
+    check_channel(channel.clone())
+        .await
+        .expect("the established connection is not cut by a rotation");
+
+    // The server goes away and comes back: the same channel reconnects.
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("server stops")
+        .unwrap();
+    let (_stop, _server) = serve_on(&server_args, port).await;
+    let stale = client_endpoint(&address, &stale_files, &pki.ca_a.0);
+    assert!(
+        check_endpoint(&stale).await.is_err(),
+        "the restarted server accepted a certificate from A"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match check_channel(channel.clone()).await {
+            Ok(()) => break,
+            // The first call may still see the closed connection.
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("reconnecting: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the channel did not reconnect with the certificate from B: {e}"),
+        }
+    }
+}
+
+/// A CA file caught mid-write (or emptied) must not lock every client out.
+#[tokio::test]
+async fn an_unreadable_ca_file_keeps_the_previous_ca() {
+    let pki = Pki::new();
+    let dir = pki.dir.path();
+    let server = pki.leaf("server", false);
+    let server_ca = dir.join("server-ca.pem");
+    replace_with(&server_ca, &[&pki.ca_a.0]);
+    let port = serve(&TlsArgs {
+        cert: Some(server.0.clone()),
+        key: Some(server.1.clone()),
+        ca: Some(server_ca.clone()),
+        allow_plaintext: false,
+    })
+    .await;
+    let client = client_endpoint(
+        &format!("http://localhost:{port}"),
+        &pki.leaf("client", false),
+        &pki.ca_a.0,
+    );
+    check_endpoint(&client).await.expect("before");
+
+    let ca_pem = std::fs::read(&pki.ca_a.0).unwrap();
+    replace(&server_ca, &ca_pem[..ca_pem.len() / 2]);
+    check_endpoint(&client)
+        .await
+        .expect("a truncated CA file keeps the previous CA");
+    replace(&server_ca, b"");
+    check_endpoint(&client)
+        .await
+        .expect("an empty CA file keeps the previous CA");
+    replace_with(&server_ca, &[&pki.ca_b.0]);
+    assert!(
+        check_endpoint(&client).await.is_err(),
+        "the complete new CA file was not taken"
+    );
 }

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use consul_smi_grpc::tls::ClientEndpoint;
 use consul_smi_translate::{ConsulApi, Index, NamespaceMode, TranslateOptions};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -21,12 +22,6 @@ pub use diagnostics::DiagnosticsService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TranslatorError {
-    #[error("invalid endpoint {endpoint:?}: {source}")]
-    Endpoint {
-        endpoint: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
     #[error("the {task} stopped: {detail}")]
     TaskEnded { task: &'static str, detail: String },
     #[error("Kubernetes client for Events: {0}")]
@@ -144,7 +139,8 @@ pub async fn serve(
     metrics: consul_smi_telemetry::Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TranslatorError> {
-    let client_tls = config.tls.client_config()?;
+    // One connector for both: the clones share one view of the files.
+    let client_tls = config.tls.connector()?;
     let watcher = endpoint(&config.watcher, client_tls.as_ref())?;
     let writer = endpoint(&config.writer, client_tls.as_ref())?;
     let listen_addr = listener.local_addr().ok();
@@ -221,28 +217,21 @@ async fn kube_client(
     kube::Client::try_from(config).map_err(|e| error(&e))
 }
 
-/// With TLS configured, `http://` addresses are dialled as `https://` (the defaults and
-/// existing manifests say `http://`); the server certificate must name the address's host.
+/// With TLS configured, `http://` addresses are dialled with TLS (the defaults and existing
+/// manifests say `http://`); the server certificate must name the address's host. Every
+/// (re)connection reads the current client certificate and CA, so cert-manager rotations need
+/// no restart.
 fn endpoint(
     addr: &str,
-    tls: Option<&tonic::transport::ClientTlsConfig>,
-) -> Result<tonic::transport::Endpoint, TranslatorError> {
-    let error = |source| TranslatorError::Endpoint {
-        endpoint: addr.to_string(),
-        source,
-    };
-    let uri = match (tls, addr.strip_prefix("http://")) {
-        (Some(_), Some(rest)) => format!("https://{rest}"),
-        _ => addr.to_string(),
-    };
-    let endpoint = tonic::transport::Endpoint::from_shared(uri)
-        .map_err(error)?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    match tls {
-        Some(tls) => endpoint.tls_config(tls.clone()).map_err(error),
-        None => Ok(endpoint),
-    }
+    tls: Option<&consul_smi_grpc::tls::TlsConnector>,
+) -> Result<ClientEndpoint, TranslatorError> {
+    Ok(
+        ClientEndpoint::new(addr, tls.cloned())?.configure(|endpoint| {
+            endpoint
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+        }),
+    )
 }
 
 /// The wire form of a trace context as the telemetry crate takes it (the grpc crate stays

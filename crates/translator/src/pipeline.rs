@@ -15,7 +15,7 @@ use crate::diagnostics::InvalidObjects;
 use crate::writer_link::{LinkMessage, TracedCommand};
 
 pub(crate) struct Pipeline {
-    pub(crate) watcher: tonic::transport::Endpoint,
+    pub(crate) watcher: consul_smi_grpc::tls::ClientEndpoint,
     pub(crate) index: SharedIndex,
     pub(crate) invalid: InvalidObjects,
     pub(crate) to_writer: mpsc::Sender<LinkMessage>,
@@ -399,7 +399,8 @@ mod tests {
         );
         let (to_writer, _from_pipeline) = mpsc::channel(4);
         let pipeline = Pipeline {
-            watcher: tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap(),
+            watcher: consul_smi_grpc::tls::ClientEndpoint::new(&format!("http://{addr}"), None)
+                .unwrap(),
             index: Arc::new(RwLock::new(Index::new(TranslateOptions::default()))),
             invalid: InvalidObjects::default(),
             to_writer,

@@ -26,7 +26,7 @@ pub(crate) struct TracedCommand {
 }
 
 pub(crate) struct WriterLink {
-    endpoint: tonic::transport::Endpoint,
+    endpoint: consul_smi_grpc::tls::ClientEndpoint,
     index: SharedIndex,
     resync_every: Duration,
     client: Option<ConsulWriterClient<Channel>>,
@@ -35,7 +35,7 @@ pub(crate) struct WriterLink {
 
 impl WriterLink {
     pub(crate) fn new(
-        endpoint: tonic::transport::Endpoint,
+        endpoint: consul_smi_grpc::tls::ClientEndpoint,
         index: SharedIndex,
         resync_every: Duration,
     ) -> Self {
