@@ -111,17 +111,7 @@ impl E2eEnv {
             .context("starting the local API server")?;
         let consul =
             ConsulAgent::start(ConsulAgentOptions::default()).context("starting Consul")?;
-        let webhook_addr = free_addr()?;
         let cert = apiserver.issue_serving_cert("watcher-webhook")?;
-        let crds = consul_smi_api::crds(&CrdConversion::Webhook {
-            client_config: WebhookTarget::Url(format!("https://{webhook_addr}/convert")),
-            ca_bundle_pem: Some(cert.ca_pem.clone()),
-        });
-        apiserver
-            .install_crds(&crds)
-            .await
-            .context("installing the SMI CRDs")?;
-
         let consul_proxy = match options.consul_proxy {
             true => Some(FaultProxy::start(consul.http_addr().parse()?).await?),
             false => None,
@@ -136,14 +126,6 @@ impl E2eEnv {
             },
         );
         pipeline_options.link_proxies = options.link_proxies;
-        pipeline_options.watcher_args = vec![
-            "--webhook-listen".into(),
-            webhook_addr.to_string(),
-            "--webhook-cert".into(),
-            cert.cert_path.display().to_string(),
-            "--webhook-key".into(),
-            cert.key_path.display().to_string(),
-        ];
         pipeline_options.translator_args = options.translator_args;
         pipeline_options.writer_args = options.writer_args;
         if options.kube_events {
@@ -154,9 +136,40 @@ impl E2eEnv {
             ]);
         }
         pipeline_options.env = options.env;
-        let pipeline = Pipeline::start(pipeline_options)
-            .await
-            .context("starting the consul-smi services")?;
+
+        // The conversion webhook's port is named in the CRDs before the watcher binds it, so a
+        // process of a parallel test can take it first; then the watcher cannot start, and
+        // the CRDs are installed again with a new port.
+        let mut attempt = 0;
+        let pipeline = loop {
+            attempt += 1;
+            let webhook_addr = free_addr()?;
+            let crds = consul_smi_api::crds(&CrdConversion::Webhook {
+                client_config: WebhookTarget::Url(format!("https://{webhook_addr}/convert")),
+                ca_bundle_pem: Some(cert.ca_pem.clone()),
+            });
+            apiserver
+                .install_crds(&crds)
+                .await
+                .context("installing the SMI CRDs")?;
+            let mut attempt_options = pipeline_options.clone();
+            attempt_options.watcher_args = vec![
+                "--webhook-listen".into(),
+                webhook_addr.to_string(),
+                "--webhook-cert".into(),
+                cert.cert_path.display().to_string(),
+                "--webhook-key".into(),
+                cert.key_path.display().to_string(),
+            ];
+            match Pipeline::start(attempt_options).await {
+                Ok(pipeline) => break pipeline,
+                Err(error) if attempt < 3 => eprintln!(
+                    "e2e harness: the services did not start (attempt {attempt}), retrying \
+                     with a new webhook port: {error:#}"
+                ),
+                Err(error) => return Err(error.context("starting the consul-smi services")),
+            }
+        };
         let kube = apiserver.client();
         let consul_client = ConsulClient::new(&ConsulConfig::for_address(consul.http_addr()))?;
         let env = E2eEnv {
