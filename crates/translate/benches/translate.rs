@@ -1,9 +1,14 @@
-//! Full build and single-change times of the translation, on a synthetic mesh.
+//! Full build, snapshot reset and single-change times of the translation, on a synthetic mesh.
 //!
 //! `cargo bench -p consul-smi-translate` prints plain figures first (stderr, quotable), then
 //! runs the criterion groups. Mesh: services spread over 20 namespaces, two TrafficTargets per
 //! destination, two sources each, half TCPRoute and half HTTPRouteGroup rules (3 matches),
 //! modern Consul, OSS namespaces (names are unique, so there is no collapse).
+//!
+//! `PLAIN_FIGURES=reset` (a comma-separated list of `full_build`, `reset`, `incremental`)
+//! prints only those plain figures; `-- '^reset/'` runs only the reset benchmarks (a bare
+//! `reset` filter also matches `full_build/index_reset`):
+//! `PLAIN_FIGURES=reset cargo bench -p consul-smi-translate --bench translate -- '^reset/'`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -141,10 +146,67 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
+/// The snapshot-reset situations the translator meets: an index and the snapshot it is reset to.
+/// * `from_empty`: start-up, the first snapshot;
+/// * `unchanged`: a watch restart (RESUME_UNAVAILABLE) with nothing changed, the common case;
+/// * `one_percent_changed`: a watch restart after 1% of the TrafficTargets changed (one more
+///   source each, so their destinations' intentions change).
+fn reset_cases(targets: usize) -> Vec<(&'static str, Index, Vec<SmiObject>)> {
+    let options = options();
+    let objects = mesh(targets);
+    let mut loaded = Index::new(options.clone());
+    loaded.reset(objects.clone());
+    let mut changed = objects.clone();
+    let routes = changed.len() - targets;
+    for i in (0..targets).step_by(100) {
+        changed[routes + i] = traffic_target(i, targets, true);
+    }
+    vec![
+        ("from_empty", Index::new(options), objects.clone()),
+        ("unchanged", loaded.clone(), objects),
+        ("one_percent_changed", loaded, changed),
+    ]
+}
+
+/// Whether the plain figures of `section` were asked for (all unless `PLAIN_FIGURES` lists some).
+fn plain_section(section: &str) -> bool {
+    match std::env::var("PLAIN_FIGURES") {
+        Ok(list) => list.split(',').any(|s| s.trim() == section),
+        Err(_) => true,
+    }
+}
+
 /// Plain figures, measured with `Instant` so they can be quoted without criterion's output.
 fn print_plain_figures() {
     let options = options();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    if plain_section("reset") {
+        let targets = 10_000;
+        let runs = 15;
+        for (case, index, objects) in reset_cases(targets) {
+            let mut commands = 0;
+            let (wall, cpu): (Vec<_>, Vec<_>) = (0..runs)
+                .map(|_| {
+                    let mut index = index.clone();
+                    let objects = objects.clone();
+                    timed(|| {
+                        let result = index.reset(objects);
+                        commands = result.len();
+                        result
+                    })
+                })
+                .unzip();
+            eprintln!(
+                "plain: Index::reset() at {targets} TrafficTargets, {case:<19}: {:>8.2} ms \
+                 (on-CPU {:>8.2} ms), {commands} commands; medians of {runs}",
+                ms(median(wall)),
+                ms(median(cpu)),
+            );
+        }
+    }
+    if !plain_section("full_build") {
+        return print_incremental_figures();
+    }
     for (targets, runs) in [(1_000, 15), (10_000, 9), (100_000, 3)] {
         let objects = mesh(targets);
         let (full_wall, full_cpu): (Vec<_>, Vec<_>) = (0..runs)
@@ -169,7 +231,14 @@ fn print_plain_figures() {
             ms(median(index_cpu)),
         );
     }
+    print_incremental_figures();
+}
 
+fn print_incremental_figures() {
+    if !plain_section("incremental") {
+        return;
+    }
+    let options = options();
     let targets = 10_000;
     let mut index = Index::new(options.clone());
     index.reset(mesh(targets));
@@ -225,6 +294,24 @@ fn benches(c: &mut Criterion) {
         });
     }
     full.finish();
+
+    // The index is dropped outside the measurement (the translator keeps it); dropping the
+    // replaced state inside `reset` is measured.
+    let mut reset = c.benchmark_group("reset");
+    reset.sample_size(10);
+    for (case, index, objects) in reset_cases(10_000) {
+        reset.bench_function(format!("{case}/10000"), |b| {
+            b.iter_batched(
+                || (index.clone(), objects.clone()),
+                |(mut index, objects)| {
+                    let commands = index.reset(objects);
+                    (index, commands)
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    reset.finish();
 
     let targets = 10_000;
     let mut index = Index::new(options.clone());
