@@ -89,3 +89,67 @@ async fn sigterm_to_the_writer_mid_burst_exits_cleanly_and_loses_nothing() -> Re
     .await?;
     Ok(())
 }
+
+async fn readyz(admin: std::net::SocketAddr) -> Result<u16> {
+    Ok(reqwest::get(format!("http://{admin}/readyz"))
+        .await?
+        .status()
+        .as_u16())
+}
+
+/// `/readyz` tells Kubernetes whether a service does its job: the translator is ready only
+/// while Consul follows its index (first Sync delivered, no failed delivery since), the
+/// writer once it reached Consul.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn translator_readiness_follows_delivery_to_the_writer() -> Result<()> {
+    use consul_smi_e2e::env::LocalOptions;
+    use consul_smi_e2e::services::free_addr;
+
+    let (translator_admin, writer_admin) = (free_addr()?, free_addr()?);
+    let mut env = E2eEnv::start_with(LocalOptions {
+        translator_args: vec!["--admin-listen".into(), translator_admin.to_string()],
+        writer_args: vec!["--admin-listen".into(), writer_admin.to_string()],
+        ..LocalOptions::default()
+    })
+    .await?;
+    let both_ready = || async {
+        Ok(readyz(translator_admin).await? == 200 && readyz(writer_admin).await? == 200)
+    };
+    eventually(
+        "translator and writer ready",
+        Duration::from_secs(30),
+        both_ready,
+    )
+    .await?;
+
+    env.kill(Service::Writer).await?;
+    let s = format!("{:04x}", std::process::id() as u16 ^ 0x3c3c);
+    // The first route and target of a burst.
+    let first: String = burst(&s)
+        .split("---\n")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("---\n");
+    env.apply(&first).await?;
+    eventually(
+        "translator not ready while the writer is gone",
+        Duration::from_secs(30),
+        || async { Ok(readyz(translator_admin).await? == 503) },
+    )
+    .await?;
+
+    env.start_service(Service::Writer).await?;
+    let (source, destination) = (format!("web-{s}-0"), format!("api-{s}-0"));
+    eventually(
+        "translator ready again",
+        Duration::from_secs(30),
+        both_ready,
+    )
+    .await?;
+    eventually(
+        "the change made while the writer was gone reached Consul",
+        Duration::from_secs(30),
+        || env.allowed(&source, &destination),
+    )
+    .await
+}

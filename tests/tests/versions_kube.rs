@@ -84,9 +84,14 @@ impl Cluster {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let watcher_endpoint = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let watcher = tokio::spawn(consul_smi_watcher::serve(config, listener, async {
-            let _ = stopped.await;
-        }));
+        let watcher = tokio::spawn(consul_smi_watcher::serve(
+            config,
+            listener,
+            consul_smi_telemetry::Readiness::new(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
 
         let conversion = CrdConversion::Webhook {
             client_config: WebhookTarget::Url(format!("https://127.0.0.1:{webhook_port}/convert")),

@@ -104,9 +104,14 @@ impl Watcher {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(consul_smi_watcher::serve(config, listener, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(consul_smi_watcher::serve(
+            config,
+            listener,
+            consul_smi_telemetry::Readiness::new(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Watcher {
             endpoint,
             stop: Some(stop),

@@ -72,22 +72,24 @@ async fn run(cli: Cli) -> Result<()> {
         Commands::Watcher { config, admin } => {
             let _telemetry = consul_smi_telemetry::init("smi-watcher")?;
             let listener = bind(config.listen).await?;
-            serve_admin(admin, Metrics::new()).await?;
-            consul_smi_watcher::serve(config, listener, shutdown_signal()).await?;
+            let readiness = serve_admin(admin, Metrics::new()).await?;
+            consul_smi_watcher::serve(config, listener, readiness, shutdown_signal()).await?;
         }
         Commands::Translator { config, admin } => {
             let _telemetry = consul_smi_telemetry::init("smi-translator")?;
             let listener = bind(config.listen).await?;
             let metrics = Metrics::new();
-            serve_admin(admin, metrics.clone()).await?;
-            consul_smi_translator::serve(config, listener, metrics, shutdown_signal()).await?;
+            let readiness = serve_admin(admin, metrics.clone()).await?;
+            consul_smi_translator::serve(config, listener, metrics, readiness, shutdown_signal())
+                .await?;
         }
         Commands::Writer { config, admin } => {
             let _telemetry = consul_smi_telemetry::init("consul-writer")?;
             let listener = bind(config.listen).await?;
             let metrics = Metrics::new();
-            serve_admin(admin, metrics.clone()).await?;
-            consul_smi_writer::serve(config, listener, metrics, shutdown_signal()).await?;
+            let readiness = serve_admin(admin, metrics.clone()).await?;
+            consul_smi_writer::serve(config, listener, metrics, readiness, shutdown_signal())
+                .await?;
         }
         Commands::Validate(args) => {
             let clean = offline::validate(&args)?;
@@ -107,19 +109,21 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding {addr}"))
 }
 
-async fn serve_admin(admin: AdminArgs, metrics: Metrics) -> Result<()> {
+/// Serves `/metrics`, `/healthz` and `/readyz`; the service sets the returned readiness
+/// once it can do its job (watcher: first snapshot listed; translator: Consul synced to the
+/// index; writer: Consul reachable).
+async fn serve_admin(admin: AdminArgs, metrics: Metrics) -> Result<Readiness> {
+    let readiness = Readiness::new();
     if let Some(addr) = admin.admin_listen {
         let listener = bind(addr).await?;
-        let readiness = Readiness::new();
-        readiness.set_ready();
         tokio::spawn(consul_smi_telemetry::serve_admin(
             listener,
             metrics,
-            readiness,
+            readiness.clone(),
             shutdown_signal(),
         ));
     }
-    Ok(())
+    Ok(readiness)
 }
 
 /// Resolves on SIGTERM (Kubernetes) or Ctrl-C.

@@ -137,6 +137,7 @@ pub async fn serve(
     config: TranslatorConfig,
     listener: TcpListener,
     metrics: consul_smi_telemetry::Metrics,
+    readiness: consul_smi_telemetry::Readiness,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TranslatorError> {
     // One connector for both: the clones share one view of the files.
@@ -154,6 +155,7 @@ pub async fn serve(
         writer,
         index.clone(),
         Duration::from_secs(config.resync_seconds.max(1)),
+        readiness,
     );
     let link_task = tokio::spawn(link.run(from_pipeline));
     let events = match config.kube_events {

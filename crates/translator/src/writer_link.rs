@@ -31,6 +31,9 @@ pub(crate) struct WriterLink {
     resync_every: Duration,
     client: Option<ConsulWriterClient<Channel>>,
     next_command_id: u64,
+    /// Ready while Consul follows the index: from the first delivered Sync until a delivery
+    /// fails.
+    readiness: consul_smi_telemetry::Readiness,
 }
 
 impl WriterLink {
@@ -38,6 +41,7 @@ impl WriterLink {
         endpoint: consul_smi_grpc::tls::ClientEndpoint,
         index: SharedIndex,
         resync_every: Duration,
+        readiness: consul_smi_telemetry::Readiness,
     ) -> Self {
         WriterLink {
             endpoint,
@@ -45,6 +49,7 @@ impl WriterLink {
             resync_every,
             client: None,
             next_command_id: 0,
+            readiness,
         }
     }
 
@@ -93,12 +98,14 @@ impl WriterLink {
                     if sync_needed {
                         sync_needed = false;
                         resync.reset();
+                        self.readiness.set_ready();
                     }
                     attempt = 0;
                 }
                 Err(error) => {
                     warn!(%error, attempt, "delivery to consul-writer failed; will Sync when it is back");
                     self.client = None;
+                    self.readiness.set_not_ready();
                     // Never a Sync of an index that has not had its first snapshot.
                     sync_needed = have_snapshot;
                     attempt = attempt.saturating_add(1);

@@ -84,6 +84,7 @@ impl Drop for AbortOnDrop {
 pub async fn serve(
     config: WatcherConfig,
     listener: TcpListener,
+    readiness: consul_smi_telemetry::Readiness,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WatcherError> {
     let epoch = new_epoch();
@@ -142,6 +143,7 @@ pub async fn serve(
         let shared = shared.clone();
         async move {
             shared.wait_ready().await;
+            readiness.set_ready();
             reporter.set_serving::<SmiWatchServer<WatchService>>().await;
             reporter
                 .set_service_status("", tonic_health::ServingStatus::Serving)

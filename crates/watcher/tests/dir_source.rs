@@ -116,9 +116,15 @@ async fn dir_source_streams_snapshot_and_file_changes() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(consul_smi_watcher::serve(config, listener, async {
-        let _ = stopped.await;
-    }));
+    let readiness = consul_smi_telemetry::Readiness::new();
+    let server = tokio::spawn(consul_smi_watcher::serve(
+        config,
+        listener,
+        readiness.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
 
     let stream = consul_smi_watcher::subscribe(endpoint.clone(), "", 0, "dir-test")
         .await
@@ -141,6 +147,8 @@ async fn dir_source_streams_snapshot_and_file_changes() {
         replica.next().await.change,
         WatchChange::SnapshotEnd
     ));
+    // /readyz follows the first complete snapshot.
+    assert!(readiness.is_ready());
     assert_eq!(
         replica.names(),
         [

@@ -36,6 +36,7 @@ pub async fn serve(
     config: WriterConfig,
     listener: TcpListener,
     metrics: Metrics,
+    admin_readiness: consul_smi_telemetry::Readiness,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WriterError> {
     let drift_repair = config.drift_repair;
@@ -65,6 +66,7 @@ pub async fn serve(
                             consul = writer.client().base_url(),
                             "Consul reachable; serving"
                         );
+                        admin_readiness.set_ready();
                         health
                             .set_serving::<ConsulWriterServer<WriterService>>()
                             .await;

@@ -54,6 +54,7 @@ impl RunningWriter {
                 config,
                 listener,
                 consul_smi_telemetry::Metrics::new(),
+                consul_smi_telemetry::Readiness::new(),
                 async {
                     let _ = stopped.await;
                 },
