@@ -66,12 +66,12 @@ async fn drift_repair_restores_sources_and_entries_on_the_modern_api() {
         .unwrap()
         .retain(|s| s["Name"] != "a");
     double.put_raw(api);
-    double.remove("service-intentions", "db");
-
     eventually("a -> api is back", || {
         source_names(double.entry("service-intentions", "api")).contains(&"a".to_string())
     })
     .await;
+    // One change at a time: two within the debounce window are repaired together, once.
+    double.remove("service-intentions", "db");
     eventually("c -> db is back", || {
         source_names(double.entry("service-intentions", "db")) == ["c"]
     })
