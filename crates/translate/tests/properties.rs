@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 use consul_smi_api::{
-    HttpMatch, HttpRouteGroup, ObjectRef, PortMatch, RouteRef, RuleKind, SmiKind, SmiObject,
+    HttpMatch, HttpRouteGroup, Meta, ObjectRef, PortMatch, RouteRef, RuleKind, SmiKind, SmiObject,
     Subject, TcpRoute, TrafficSplit, TrafficSplitBackend, TrafficTarget, TrafficTargetRule,
     UdpRoute, Weight,
 };
@@ -245,6 +245,68 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// One difference between the snapshot an index holds and the next one.
+#[derive(Clone, Debug)]
+enum SnapshotEdit {
+    /// A new object, or a new version of a held one when its reference is taken.
+    Put(Box<SmiObject>),
+    Delete(proptest::sample::Index),
+    /// Same object with another resourceVersion: differs, but translates the same.
+    Touch(proptest::sample::Index),
+    /// A stale version of a held object listed before it, so the held version must win.
+    StaleDuplicate(proptest::sample::Index, Box<SmiObject>),
+}
+
+fn snapshot_edit() -> impl Strategy<Value = SnapshotEdit> {
+    prop_oneof![
+        4 => object().prop_map(|o| SnapshotEdit::Put(Box::new(o))),
+        2 => any::<proptest::sample::Index>().prop_map(SnapshotEdit::Delete),
+        2 => any::<proptest::sample::Index>().prop_map(SnapshotEdit::Touch),
+        1 => (any::<proptest::sample::Index>(), object())
+            .prop_map(|(i, o)| SnapshotEdit::StaleDuplicate(i, Box::new(o))),
+    ]
+}
+
+/// `snapshot` after `edits`, with distinct references except for stale duplicates.
+fn edited(snapshot: &[SmiObject], edits: &[SnapshotEdit]) -> Vec<SmiObject> {
+    let mut next = snapshot.to_vec();
+    for edit in edits {
+        match edit {
+            SnapshotEdit::Put(object) => {
+                let object_ref = object.object_ref();
+                match next.iter_mut().find(|o| o.object_ref() == object_ref) {
+                    Some(held) => *held = (**object).clone(),
+                    None => next.push((**object).clone()),
+                }
+            }
+            SnapshotEdit::Delete(i) if !next.is_empty() => {
+                next.remove(i.index(next.len()));
+            }
+            SnapshotEdit::Touch(i) if !next.is_empty() => {
+                let i = i.index(next.len());
+                let meta = next[i].meta_mut();
+                let version = meta.resource_version.as_deref().unwrap_or("0");
+                meta.resource_version = Some(format!("{version}+"));
+            }
+            SnapshotEdit::StaleDuplicate(i, stale) if !next.is_empty() => {
+                let i = i.index(next.len());
+                let mut stale = (**stale).clone();
+                // Same kind and name as the held object; the content is another object's.
+                let held = next[i].meta().clone();
+                if stale.kind() == next[i].kind() {
+                    *stale.meta_mut() = Meta {
+                        resource_version: Some("stale".into()),
+                        ..held
+                    };
+                    next.insert(i, stale);
+                }
+            }
+            _ => {}
+        }
+    }
+    next
+}
+
 proptest! {
     // 256 cases by default; PROPTEST_CASES=N for a longer soak.
     #[test]
@@ -334,6 +396,49 @@ proptest! {
             prop_assert_eq!(&commands, &diff(&previous, index.desired()));
             assert_index_matches(&index, &model, &options);
         }
+    }
+
+    /// A reset to a snapshot close to the held one (the index replaces only what differs when
+    /// few objects do, and rebuilds otherwise; few edits of up to 16 objects exercise both)
+    /// ends exactly where loading the snapshot into a fresh index does.
+    #[test]
+    fn reset_to_an_edited_snapshot_equals_a_fresh_load(
+        before in objects(),
+        edits in proptest::collection::vec(snapshot_edit(), 0..4),
+        shuffle in any::<bool>(),
+        options in options(),
+    ) {
+        let mut after = edited(&before, &edits);
+        if shuffle {
+            // Order must not matter, except that a stale duplicate stays before the held one.
+            after.sort_by_key(|o| {
+                (o.object_ref(), o.meta().resource_version.as_deref() != Some("stale"))
+            });
+        }
+        let mut index = Index::new(options.clone());
+        index.reset(before);
+        let previous = index.desired().clone();
+        let commands = index.reset(after.clone());
+
+        let mut fresh = Index::new(options.clone());
+        fresh.reset(after.clone());
+        prop_assert_eq!(index.desired(), fresh.desired());
+        prop_assert_eq!(&commands, &diff(&previous, fresh.desired()));
+        let mut consul = previous;
+        apply_commands(&mut consul, &commands);
+        prop_assert_eq!(&consul, fresh.desired());
+        let model: BTreeMap<ObjectRef, SmiObject> =
+            after.iter().map(|o| (o.object_ref(), o.clone())).collect();
+        assert_index_matches(&index, &model, &options);
+        prop_assert_eq!(
+            index.diagnostics().collect::<Vec<_>>(),
+            fresh.diagnostics().collect::<Vec<_>>()
+        );
+        prop_assert_eq!(index.statuses().collect::<Vec<_>>(), fresh.statuses().collect::<Vec<_>>());
+        for (object_ref, object) in &model {
+            prop_assert_eq!(index.get(object_ref), Some(object));
+        }
+        prop_assert!(index.reset(after).is_empty());
     }
 }
 
