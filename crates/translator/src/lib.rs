@@ -34,6 +34,9 @@ pub enum TranslatorError {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ConsulApiArg {
+    /// Ask consul-writer which API its Consul speaks (legacy until it answers, and with a
+    /// writer too old to say).
+    Auto,
     /// Consul < 1.9: L4 intentions only.
     Legacy,
     /// Consul 1.9+: config-entry intentions with L7 permissions.
@@ -68,7 +71,7 @@ pub struct TranslatorConfig {
         long,
         env = "CONSUL_SMI_CONSUL_API",
         value_enum,
-        default_value = "legacy"
+        default_value = "auto"
     )]
     pub consul_api: ConsulApiArg,
     /// On legacy Consul, turn L7-only grants into plain L4 allows (widens access; off by default).
@@ -111,7 +114,8 @@ impl TranslatorConfig {
     pub fn translate_options(&self) -> TranslateOptions {
         TranslateOptions {
             target: match self.consul_api {
-                ConsulApiArg::Legacy => ConsulApi::Legacy,
+                // Its output is valid on every Consul and withholds what it cannot express.
+                ConsulApiArg::Auto | ConsulApiArg::Legacy => ConsulApi::Legacy,
                 ConsulApiArg::Modern => ConsulApi::Modern,
             },
             widen_l7_on_legacy: self.widen_l7_on_legacy,
@@ -151,11 +155,21 @@ pub async fn serve(
 
     // Bounded: a slow writer slows the stream consumer, which slows the watcher's stream.
     let (to_writer, from_pipeline) = mpsc::channel(64);
+    // With `--consul-api auto` the link asks each writer it connects to which API its Consul
+    // speaks; the stream consumer, the only one changing the index, re-translates.
+    let (reported_api, consul_api_updates) = match config.consul_api {
+        ConsulApiArg::Auto => {
+            let (sender, receiver) = tokio::sync::watch::channel(None);
+            (Some(sender), Some(receiver))
+        }
+        _ => (None, None),
+    };
     let link = writer_link::WriterLink::new(
         writer,
         index.clone(),
         Duration::from_secs(config.resync_seconds.max(1)),
         readiness,
+        reported_api,
     );
     let link_task = tokio::spawn(link.run(from_pipeline));
     let events = match config.kube_events {
@@ -177,6 +191,8 @@ pub async fn serve(
         events,
         metrics,
         position: None,
+        options: config.translate_options(),
+        consul_api_updates,
     };
     let pipeline_task = tokio::spawn(pipeline.run());
 

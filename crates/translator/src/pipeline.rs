@@ -26,6 +26,33 @@ pub(crate) struct Pipeline {
     pub(crate) events: Option<tokio::sync::watch::Sender<Vec<crate::events::ReportedDiagnostic>>>,
     /// Resume point: (epoch, last revision seen).
     pub(crate) position: Option<(String, u64)>,
+    /// The options the index translates with now.
+    pub(crate) options: consul_smi_translate::TranslateOptions,
+    /// The Consul API consul-writer reports (`--consul-api auto` only).
+    pub(crate) consul_api_updates:
+        Option<tokio::sync::watch::Receiver<Option<consul_smi_translate::ConsulApi>>>,
+}
+
+/// What woke the stream consumer.
+// Lives for one loop iteration on the stack; boxing the message would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Wakeup {
+    Message(Result<Option<v1::WatchEvent>, tonic::Status>),
+    BatchDue,
+    ConsulApiReported,
+}
+
+/// Resolves when the writer reports a (new) Consul API; never without auto-detection.
+async fn consul_api_reported(
+    updates: &mut Option<tokio::sync::watch::Receiver<Option<consul_smi_translate::ConsulApi>>>,
+) {
+    let Some(updates) = updates else {
+        return std::future::pending().await;
+    };
+    if updates.changed().await.is_err() {
+        // The writer link is gone (the process is ending): nothing more will be reported.
+        std::future::pending::<()>().await;
+    }
 }
 
 enum Handled {
@@ -79,21 +106,28 @@ impl Pipeline {
         let mut batch: Vec<TracedCommand> = Vec::new();
         let mut batch_deadline: Option<Instant> = None;
         loop {
-            let next = match batch_deadline {
-                Some(deadline) => tokio::select! {
-                    message = stream.message() => Some(message),
-                    _ = tokio::time::sleep_until(deadline) => None,
-                },
-                None => Some(stream.message().await),
+            let wakeup = tokio::select! {
+                message = stream.message() => Wakeup::Message(message),
+                _ = tokio::time::sleep_until(batch_deadline.unwrap_or_else(Instant::now)),
+                    if batch_deadline.is_some() => Wakeup::BatchDue,
+                _ = consul_api_reported(&mut self.consul_api_updates) => Wakeup::ConsulApiReported,
             };
-            let message = match next {
-                None => {
+            let message = match wakeup {
+                Wakeup::BatchDue => {
                     self.flush(&mut batch).await;
                     batch_deadline = None;
                     continue;
                 }
-                Some(Ok(message)) => message,
-                Some(Err(status)) => {
+                Wakeup::ConsulApiReported => {
+                    // Commands translated for the previous API go first; the Sync after the
+                    // switch supersedes them.
+                    self.flush(&mut batch).await;
+                    batch_deadline = None;
+                    self.adopt_reported_consul_api().await;
+                    continue;
+                }
+                Wakeup::Message(Ok(message)) => message,
+                Wakeup::Message(Err(status)) => {
                     // The resume position is already past these commands' events: deliver
                     // them before reconnecting, or nothing would.
                     self.flush(&mut batch).await;
@@ -296,6 +330,32 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// Re-translates everything for the Consul API the writer reported, if it differs.
+    async fn adopt_reported_consul_api(&mut self) {
+        let reported = self
+            .consul_api_updates
+            .as_mut()
+            .and_then(|updates| *updates.borrow_and_update());
+        let Some(api) = reported else { return };
+        if api == self.options.target {
+            return;
+        }
+        info!(?api, previous = ?self.options.target, "translating for the Consul API consul-writer reports");
+        self.options.target = api;
+        // The commands are not needed: the Sync below carries the whole new desired state.
+        let _ = self
+            .index
+            .write()
+            .expect("index lock poisoned")
+            .set_options(self.options.clone());
+        self.record_gauges();
+        // Before the first complete snapshot the index is not worth a Sync: the snapshot's
+        // own Sync will carry the new translation.
+        if self.position.is_some() {
+            let _ = self.to_writer.send(LinkMessage::Sync).await;
+        }
+    }
+
     /// Diagnostics by severity and the writer link's backlog, for `/metrics`.
     fn record_gauges(&self) {
         let (mut errors, mut warnings) = (0, 0);
@@ -409,6 +469,8 @@ mod tests {
             metrics: consul_smi_telemetry::Metrics::new(),
             events: None,
             position: None,
+            options: TranslateOptions::default(),
+            consul_api_updates: None,
         };
         let task = tokio::spawn(pipeline.run());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use consul_smi_core::Command;
 use consul_smi_grpc::v1::{self, consul_writer_client::ConsulWriterClient};
+use consul_smi_translate::ConsulApi;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::SharedIndex;
 
@@ -34,6 +35,10 @@ pub(crate) struct WriterLink {
     /// Ready while Consul follows the index: from the first delivered Sync until a delivery
     /// fails.
     readiness: consul_smi_telemetry::Readiness,
+    /// Where the Consul API the writer reports goes (`--consul-api auto` only).
+    reported_api: Option<tokio::sync::watch::Sender<Option<ConsulApi>>>,
+    /// Whether the writer behind the current connection has said which API it speaks.
+    api_reported: bool,
 }
 
 impl WriterLink {
@@ -42,6 +47,7 @@ impl WriterLink {
         index: SharedIndex,
         resync_every: Duration,
         readiness: consul_smi_telemetry::Readiness,
+        reported_api: Option<tokio::sync::watch::Sender<Option<ConsulApi>>>,
     ) -> Self {
         WriterLink {
             endpoint,
@@ -50,6 +56,8 @@ impl WriterLink {
             client: None,
             next_command_id: 0,
             readiness,
+            reported_api,
+            api_reported: false,
         }
     }
 
@@ -87,6 +95,7 @@ impl WriterLink {
                     }
                 }
             }
+            self.ask_consul_api().await;
             let delivered = if sync_needed {
                 // The Sync reads the index now, so it also covers every queued command.
                 self.sync().await
@@ -115,8 +124,49 @@ impl WriterLink {
         }
     }
 
+    /// Asks the writer behind a new connection which Consul API it speaks, once; a writer
+    /// that cannot tell yet (Consul unreachable) is asked again before the next delivery.
+    async fn ask_consul_api(&mut self) {
+        let Some(reported_api) = self.reported_api.clone() else {
+            return;
+        };
+        if self.api_reported {
+            return;
+        }
+        // A connection failure here is the delivery's to report.
+        let Ok(client) = self.client().await else {
+            return;
+        };
+        match client.describe(v1::DescribeRequest {}).await {
+            Ok(answer) => {
+                self.api_reported = true;
+                let api = match v1::ConsulApi::try_from(answer.into_inner().consul_api) {
+                    Ok(v1::ConsulApi::Modern) => ConsulApi::Modern,
+                    Ok(v1::ConsulApi::Legacy) => ConsulApi::Legacy,
+                    _ => return,
+                };
+                info!(?api, "consul-writer reports Consul's intentions API");
+                reported_api.send_if_modified(|current| {
+                    let changed = *current != Some(api);
+                    *current = Some(api);
+                    changed
+                });
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                self.api_reported = true;
+                warn!(
+                    "consul-writer cannot say which Consul API it speaks; translating for the legacy API"
+                );
+            }
+            Err(status) => {
+                debug!(%status, "consul-writer cannot say which Consul API it speaks yet")
+            }
+        }
+    }
+
     async fn client(&mut self) -> Result<&mut ConsulWriterClient<Channel>, tonic::Status> {
         if self.client.is_none() {
+            self.api_reported = false;
             let channel = self
                 .endpoint
                 .connect()

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use consul_smi_consul::{ConsulError, SyncReport};
+use consul_smi_consul::{ApiFlavor, ConsulError, SyncReport};
 use consul_smi_core::{Command, DesiredState, Outcome};
 use consul_smi_grpc::v1;
 use consul_smi_telemetry::{TraceContext, add_link, set_parent};
@@ -165,5 +165,21 @@ impl v1::consul_writer_server::ConsulWriter for WriterService {
         }
         .instrument(span)
         .await
+    }
+
+    async fn describe(
+        &self,
+        _request: Request<v1::DescribeRequest>,
+    ) -> Result<Response<v1::DescribeResponse>, Status> {
+        let flavor = self.writer.client().flavor().await.map_err(|e| {
+            Status::unavailable(format!("cannot tell which API Consul speaks: {e}"))
+        })?;
+        let consul_api = match flavor {
+            ApiFlavor::Legacy => v1::ConsulApi::Legacy,
+            ApiFlavor::Modern => v1::ConsulApi::Modern,
+        };
+        Ok(Response::new(v1::DescribeResponse {
+            consul_api: consul_api as i32,
+        }))
     }
 }
