@@ -87,6 +87,7 @@ impl Cluster {
         let watcher = tokio::spawn(consul_smi_watcher::serve(
             config,
             listener,
+            consul_smi_telemetry::Metrics::new(),
             consul_smi_telemetry::Readiness::new(),
             async {
                 let _ = stopped.await;

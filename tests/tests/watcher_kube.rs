@@ -107,6 +107,7 @@ impl Watcher {
         let task = tokio::spawn(consul_smi_watcher::serve(
             config,
             listener,
+            consul_smi_telemetry::Metrics::new(),
             consul_smi_telemetry::Readiness::new(),
             async {
                 let _ = stopped.await;

@@ -72,8 +72,10 @@ async fn run(cli: Cli) -> Result<()> {
         Commands::Watcher { config, admin } => {
             let _telemetry = consul_smi_telemetry::init("smi-watcher")?;
             let listener = bind(config.listen).await?;
-            let readiness = serve_admin(admin, Metrics::new()).await?;
-            consul_smi_watcher::serve(config, listener, readiness, shutdown_signal()).await?;
+            let metrics = Metrics::new();
+            let readiness = serve_admin(admin, metrics.clone()).await?;
+            consul_smi_watcher::serve(config, listener, metrics, readiness, shutdown_signal())
+                .await?;
         }
         Commands::Translator { config, admin } => {
             let _telemetry = consul_smi_telemetry::init("smi-translator")?;

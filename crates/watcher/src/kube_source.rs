@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use crate::metrics::{CRD_KIND, WatcherMetrics};
 use crate::shared::SharedStore;
 use crate::store::{Observed, Scope};
 
@@ -79,7 +80,10 @@ pub async fn run(client: kube::Client, shared: Arc<SharedStore>, filter: KubeFil
                         supervisor.crd_absent(kind);
                     }
                 }
-                Some(Err(e)) => warn!(error = %e, "listing/watching CustomResourceDefinitions failed; retrying with backoff"),
+                Some(Err(e)) => {
+                    supervisor.shared.metrics().kube_watch_error(CRD_KIND);
+                    warn!(error = %e, "listing/watching CustomResourceDefinitions failed; retrying with backoff");
+                }
                 None => return,
             },
             Some(message) = rx.recv() => supervisor.kind_message(message),
@@ -179,6 +183,7 @@ impl Supervisor {
             resource,
             generation,
             self.tx.clone(),
+            self.shared.metrics().clone(),
         ));
         // Replacing the entry aborts the previous watch (another version); its last messages
         // carry the old generation and are ignored. The new watch's first list replaces the kind.
@@ -224,7 +229,9 @@ impl Supervisor {
         }
         match message.update {
             KindUpdate::Listed(objects) => {
-                if !watch.synced {
+                if watch.synced {
+                    self.shared.metrics().kube_relisted(message.kind);
+                } else {
                     info!(kind = %message.kind, objects = objects.len(), "initial list complete");
                 }
                 watch.synced = true;
@@ -249,6 +256,7 @@ async fn watch_kind(
     resource: ApiResource,
     generation: u64,
     tx: mpsc::Sender<KindMessage>,
+    metrics: WatcherMetrics,
 ) {
     let mut events = watcher(api, config).default_backoff().boxed();
     let mut listing = Vec::new();
@@ -268,6 +276,7 @@ async fn watch_kind(
             }
             Ok(watcher::Event::Delete(object)) => KindUpdate::Delete(object_ref(kind, &object)),
             Err(e) => {
+                metrics.kube_watch_error(kind.as_str());
                 warn!(kind = %kind, version = %resource.version, error = %e, "watch failed; retrying with backoff");
                 continue;
             }
@@ -448,6 +457,94 @@ mod tests {
         );
         let none = crd(SmiKind::TrafficTarget, &[("v9", true, true)]);
         assert_eq!(choose_version(SmiKind::TrafficTarget, &none), None);
+    }
+
+    /// A client for an API server that closes every connection at once: every request fails.
+    async fn unreachable_client() -> (kube::Client, JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let refuser = tokio::spawn(async move {
+            while let Ok((connection, _)) = listener.accept().await {
+                drop(connection);
+            }
+        });
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        (client, refuser)
+    }
+
+    fn metered() -> (Arc<SharedStore>, consul_smi_telemetry::Metrics) {
+        let metrics = consul_smi_telemetry::Metrics::new();
+        let shared = SharedStore::with_metrics("e".into(), 16, WatcherMetrics::register(&metrics));
+        (shared, metrics)
+    }
+
+    #[tokio::test]
+    async fn failed_crd_watches_are_counted() {
+        let (client, _refuser) = unreachable_client().await;
+        let (shared, metrics) = metered();
+        let source = tokio::spawn(run(client, shared.clone(), KubeFilter::default()));
+        let counted =
+            "consul_smi_watcher_kube_watch_errors_total{kind=\"CustomResourceDefinition\"} 1";
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !metrics.encode().lines().any(|l| l == counted) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no CRD watch error counted:\n{}",
+                metrics.encode()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(!shared.is_ready(), "no CRD list, no complete state");
+        source.abort();
+    }
+
+    #[tokio::test]
+    async fn only_a_repeated_list_of_the_current_watch_counts_as_a_relist() {
+        let (client, _refuser) = unreachable_client().await;
+        let (shared, metrics) = metered();
+        let (tx, _rx) = mpsc::channel(1);
+        let mut supervisor = Supervisor {
+            client,
+            filter: KubeFilter::default(),
+            shared,
+            tx,
+            kinds: BTreeMap::new(),
+            next_generation: 1,
+            announced_missing: BTreeSet::new(),
+            crds_listed: true,
+        };
+        supervisor.kinds.insert(
+            SmiKind::TCPRoute,
+            KindWatch {
+                version: "v1alpha4".into(),
+                generation: 1,
+                task: tokio::spawn(async {}),
+                synced: false,
+            },
+        );
+        let listed = |generation| KindMessage {
+            kind: SmiKind::TCPRoute,
+            generation,
+            update: KindUpdate::Listed(Vec::new()),
+        };
+        let relists = || {
+            metrics
+                .encode()
+                .lines()
+                .find(|l| l.starts_with("consul_smi_watcher_kube_relists_total{kind=\"TCPRoute\"}"))
+                .map(str::to_owned)
+        };
+        supervisor.kind_message(listed(1));
+        assert_eq!(relists(), None, "the first list is no restart");
+        // A message from the previous watch of this kind (another version) is ignored.
+        supervisor.kind_message(listed(0));
+        assert_eq!(relists(), None);
+        supervisor.kind_message(listed(1));
+        supervisor.kind_message(listed(1));
+        assert_eq!(
+            relists().as_deref(),
+            Some("consul_smi_watcher_kube_relists_total{kind=\"TCPRoute\"} 2")
+        );
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //!
 //! Layout: [`store`] is the pure state (objects, revisions, bounded history); [`shared`] lets
 //! sources write it and subscribers read it; [`kube_source`] and [`dir_source`] feed it;
-//! [`grpc`] serves it; [`webhook`] is the conversion endpoint; [`serve`] wires them.
+//! [`grpc`] serves it; [`webhook`] is the conversion endpoint; [`metrics`] is what it records
+//! on `/metrics`; [`serve`] wires them.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -36,12 +37,14 @@ pub mod config;
 pub mod dir_source;
 pub mod grpc;
 pub mod kube_source;
+pub mod metrics;
 pub mod shared;
 pub mod store;
 pub mod webhook;
 
 pub use config::{Source, WatcherConfig};
 pub use grpc::{WatchEventStream, WatchService, subscribe};
+pub use metrics::WatcherMetrics;
 pub use shared::SharedStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,18 +80,24 @@ impl Drop for AbortOnDrop {
 }
 
 /// Runs the watcher: its source, the conversion webhook (when configured), and the gRPC
-/// server (SmiWatch + grpc.health.v1) on `listener`, until `shutdown` completes.
+/// server (SmiWatch + grpc.health.v1) on `listener`, until `shutdown` completes. Its metrics
+/// ([`WatcherMetrics`]) are registered on `metrics`: pass a fresh `Metrics` per call.
 ///
 /// Health turns SERVING once the source has delivered its complete initial state; until then
 /// subscribers are held (never given a partial snapshot).
 pub async fn serve(
     config: WatcherConfig,
     listener: TcpListener,
+    metrics: consul_smi_telemetry::Metrics,
     readiness: consul_smi_telemetry::Readiness,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WatcherError> {
     let epoch = new_epoch();
-    let shared = SharedStore::new(epoch.clone(), config.history);
+    let shared = SharedStore::with_metrics(
+        epoch.clone(),
+        config.history,
+        WatcherMetrics::register(&metrics),
+    );
     info!(%epoch, source = ?config.source, grpc = ?listener.local_addr().ok(), "smi-watcher starting");
 
     // The webhook starts first: with CRDs converting through it, the API server cannot serve

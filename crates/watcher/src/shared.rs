@@ -15,6 +15,7 @@ use consul_smi_grpc::v1::watch_event::Event;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::metrics::{SnapshotCause, WatcherMetrics};
 use crate::store::{Change, Delta, Observed, ResumeError, Scope, Store, TraceContext};
 
 /// Deltas copied out of the store per lock acquisition.
@@ -26,17 +27,32 @@ pub struct SharedStore {
     revision: watch::Sender<u64>,
     ready: watch::Sender<bool>,
     closing: watch::Sender<bool>,
+    metrics: WatcherMetrics,
 }
 
 impl SharedStore {
+    /// A store whose metrics are recorded but exposed nowhere; see [`SharedStore::with_metrics`].
     pub fn new(epoch: String, history_limit: usize) -> Arc<SharedStore> {
+        SharedStore::with_metrics(epoch, history_limit, WatcherMetrics::unregistered())
+    }
+
+    pub fn with_metrics(
+        epoch: String,
+        history_limit: usize,
+        metrics: WatcherMetrics,
+    ) -> Arc<SharedStore> {
         Arc::new(SharedStore {
             epoch,
             store: Mutex::new(Store::new(history_limit)),
             revision: watch::channel(0).0,
             ready: watch::channel(false).0,
             closing: watch::channel(false).0,
+            metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &WatcherMetrics {
+        &self.metrics
     }
 
     pub fn epoch(&self) -> &str {
@@ -56,6 +72,26 @@ impl SharedStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Records `deltas`, just produced by `store`. Called with the lock held, so the gauges
+    /// follow the store's order of changes even with concurrent writers.
+    fn count(&self, store: &Store, deltas: &[Arc<Delta>]) {
+        if deltas.is_empty() {
+            return;
+        }
+        let mut kinds = Vec::new();
+        for delta in deltas {
+            self.metrics.changed(&delta.change);
+            let kind = delta.change.kind();
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        for kind in kinds {
+            self.metrics.set_held(kind, store.held(kind));
+        }
+        self.metrics.set_revision(store.revision());
+    }
+
     fn published(&self, deltas: &[Arc<Delta>]) {
         if let Some(last) = deltas.last() {
             for delta in deltas {
@@ -73,7 +109,12 @@ impl SharedStore {
             span.record("resource_version", resource_version.as_str());
         }
         let trace = consul_smi_telemetry::span_context(&span);
-        let delta = self.lock().upsert(observed, trace);
+        let delta = {
+            let mut store = self.lock();
+            let delta = store.upsert(observed, trace);
+            self.count(&store, delta.as_slice());
+            delta
+        };
         record_revision(&span, delta.as_slice());
         self.published(delta.as_slice());
     }
@@ -81,7 +122,12 @@ impl SharedStore {
     pub fn delete(&self, object: &ObjectRef) {
         let span = change_span("delete", object);
         let trace = consul_smi_telemetry::span_context(&span);
-        let delta = self.lock().delete(object, trace);
+        let delta = {
+            let mut store = self.lock();
+            let delta = store.delete(object, trace);
+            self.count(&store, delta.as_slice());
+            delta
+        };
         record_revision(&span, delta.as_slice());
         self.published(delta.as_slice());
     }
@@ -90,7 +136,12 @@ impl SharedStore {
     pub fn replace(&self, scope: Scope, observed: Vec<Observed>) {
         let span = tracing::info_span!("smi.relist", scope = ?scope, objects = observed.len());
         let trace = consul_smi_telemetry::span_context(&span);
-        let deltas = self.lock().replace(scope, observed, trace);
+        let deltas = {
+            let mut store = self.lock();
+            let deltas = store.replace(scope, observed, trace);
+            self.count(&store, &deltas);
+            deltas
+        };
         if !deltas.is_empty() {
             info!(scope = ?scope, changes = deltas.len(), "re-list produced changes");
         }
@@ -136,6 +187,7 @@ impl SharedStore {
         } else {
             &request.subscriber
         };
+        let _connected = self.metrics.subscriber_connected();
         let mut closing = self.closing.subscribe();
         tokio::select! {
             _ = self.wait_ready() => {}
@@ -154,14 +206,15 @@ impl SharedStore {
                 after_revision = request.after_revision,
                 "subscriber resumed"
             );
+            self.metrics.resumed();
             request.after_revision
         } else {
-            let reason = if request.epoch.is_empty() {
-                Reason::Initial
+            let cause = if request.epoch.is_empty() {
+                SnapshotCause::Initial
             } else {
-                Reason::ResumeUnavailable
+                SnapshotCause::ResumeUnavailable
             };
-            if reason == Reason::ResumeUnavailable {
+            if cause == SnapshotCause::ResumeUnavailable {
                 info!(
                     subscriber,
                     requested_epoch = %request.epoch,
@@ -170,7 +223,7 @@ impl SharedStore {
                     "cannot resume; sending a fresh snapshot"
                 );
             }
-            match self.send_snapshot(reason, &tx).await {
+            match self.send_snapshot(cause, &tx).await {
                 Some(revision) => revision,
                 None => return,
             }
@@ -206,7 +259,7 @@ impl SharedStore {
                         oldest_available,
                         "subscriber fell behind the change history; sending a fresh snapshot"
                     );
-                    match self.send_snapshot(Reason::ResumeUnavailable, &tx).await {
+                    match self.send_snapshot(SnapshotCause::FellBehind, &tx).await {
                         Some(revision) => cursor = revision,
                         None => return,
                     }
@@ -220,9 +273,16 @@ impl SharedStore {
     /// revision. `None` when the subscriber went away.
     async fn send_snapshot(
         &self,
-        reason: Reason,
+        cause: SnapshotCause,
         tx: &mpsc::Sender<Result<v1::WatchEvent, tonic::Status>>,
     ) -> Option<u64> {
+        self.metrics.snapshot_started(cause);
+        let reason = match cause {
+            SnapshotCause::Initial => Reason::Initial,
+            SnapshotCause::ResumeUnavailable | SnapshotCause::FellBehind => {
+                Reason::ResumeUnavailable
+            }
+        };
         let snapshot = self.lock().snapshot();
         let event = |e: Event| v1::WatchEvent {
             epoch: self.epoch.clone(),
@@ -327,8 +387,30 @@ mod tests {
     use std::time::Duration;
 
     use consul_smi_api::{Meta, SmiKind, SmiObject, TcpRoute};
+    use consul_smi_telemetry::Metrics;
 
     use super::*;
+
+    fn metered(epoch: &str, history_limit: usize) -> (Arc<SharedStore>, Metrics) {
+        let metrics = Metrics::new();
+        let shared = SharedStore::with_metrics(
+            epoch.into(),
+            history_limit,
+            WatcherMetrics::register(&metrics),
+        );
+        (shared, metrics)
+    }
+
+    #[track_caller]
+    fn assert_exposes(metrics: &Metrics, lines: &[&str]) {
+        let text = metrics.encode();
+        for line in lines {
+            assert!(
+                text.lines().any(|l| l == *line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
 
     fn route(name: &str, rv: u32) -> Observed {
         Observed::Valid(SmiObject::TcpRoute(TcpRoute {
@@ -416,7 +498,7 @@ mod tests {
 
     #[tokio::test]
     async fn resume_in_the_same_epoch_sends_only_missed_deltas() {
-        let shared = SharedStore::new("e1".into(), 100);
+        let (shared, metrics) = metered("e1", 100);
         shared.set_ready();
         shared.upsert(route("a", 1));
         shared.upsert(route("b", 1));
@@ -425,11 +507,22 @@ mod tests {
         assert_eq!(take(&mut rx, 2).await, ["applied:b@2", "applied:a@3"]);
         shared.upsert(route("c", 1));
         assert_eq!(take(&mut rx, 1).await, ["applied:c@4"]);
+        assert_exposes(
+            &metrics,
+            &[
+                "consul_smi_watcher_resumes_total 1",
+                "consul_smi_watcher_snapshots_total{cause=\"initial\"} 0",
+                "consul_smi_watcher_subscribers 1",
+                "consul_smi_watcher_revision 4",
+                "consul_smi_watcher_changes_total{kind=\"TCPRoute\",change=\"applied\"} 4",
+                "consul_smi_watcher_objects{kind=\"TCPRoute\"} 3",
+            ],
+        );
     }
 
     #[tokio::test]
     async fn resume_from_another_epoch_or_beyond_history_gets_a_fresh_snapshot() {
-        let shared = SharedStore::new("e2".into(), 2);
+        let (shared, metrics) = metered("e2", 2);
         shared.set_ready();
         for rv in 1..=5 {
             shared.upsert(route("a", rv));
@@ -446,11 +539,20 @@ mod tests {
         );
         let mut future = subscribe(&shared, request("e2", 99), 16);
         assert_eq!(take(&mut future, 1).await, ["begin:unavailable@5"]);
+        assert_exposes(
+            &metrics,
+            &[
+                "consul_smi_watcher_snapshots_total{cause=\"resume_unavailable\"} 3",
+                "consul_smi_watcher_snapshots_total{cause=\"fell_behind\"} 0",
+                "consul_smi_watcher_resumes_total 0",
+                "consul_smi_watcher_subscribers 3",
+            ],
+        );
     }
 
     #[tokio::test]
     async fn a_slow_subscriber_costs_no_memory_and_catches_up_with_a_fresh_snapshot() {
-        let shared = SharedStore::new("e1".into(), 8);
+        let (shared, metrics) = metered("e1", 8);
         shared.set_ready();
         let mut rx = subscribe(&shared, request("", 0), 1);
         assert_eq!(take(&mut rx, 2).await, ["begin:initial@0", "end@0"]);
@@ -479,6 +581,17 @@ mod tests {
         );
         shared.upsert(route("late", 1));
         assert_eq!(take(&mut rx, 1).await, ["applied:late@1001"]);
+        // The test runtime runs the subscription only while the test awaits, so it fell
+        // behind exactly once: after the 1,000 changes.
+        assert_exposes(
+            &metrics,
+            &[
+                "consul_smi_watcher_snapshots_total{cause=\"initial\"} 1",
+                "consul_smi_watcher_snapshots_total{cause=\"fell_behind\"} 1",
+                "consul_smi_watcher_revision 1001",
+                "consul_smi_watcher_objects{kind=\"TCPRoute\"} 4",
+            ],
+        );
     }
 
     #[tokio::test]
@@ -502,14 +615,17 @@ mod tests {
 
     #[tokio::test]
     async fn closing_ends_every_subscription() {
-        let shared = SharedStore::new("e1".into(), 10);
+        let (shared, metrics) = metered("e1", 10);
         shared.set_ready();
         let mut rx = subscribe(&shared, request("", 0), 4);
         take(&mut rx, 2).await;
+        assert_exposes(&metrics, &["consul_smi_watcher_subscribers 1"]);
         shared.close();
         let end = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .unwrap();
         assert!(end.is_none(), "stream ends");
+        // The subscription dropped its count before its channel.
+        assert_exposes(&metrics, &["consul_smi_watcher_subscribers 0"]);
     }
 }

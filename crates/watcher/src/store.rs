@@ -76,6 +76,23 @@ impl Change {
         }
     }
 
+    pub fn kind(&self) -> SmiKind {
+        match self {
+            Change::Applied(o) => o.kind(),
+            Change::Deleted(r) => r.kind,
+            Change::Invalid { object, .. } => object.kind,
+        }
+    }
+
+    /// `applied`, `deleted` or `invalid`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Change::Applied(_) => "applied",
+            Change::Deleted(_) => "deleted",
+            Change::Invalid { .. } => "invalid",
+        }
+    }
+
     fn invalid(object: ObjectRef, invalidity: &Invalidity) -> Change {
         Change::Invalid {
             object,
@@ -93,6 +110,15 @@ pub struct Delta {
     /// When the store took in the change: the start of the propagation latency the writer
     /// measures when Consul acknowledges it.
     pub observed_at: std::time::SystemTime,
+}
+
+/// How many objects of one kind the store holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// Every entry, invalid ones included.
+    pub objects: usize,
+    /// Entries whose current version is unusable.
+    pub invalid: usize,
 }
 
 /// Which objects a `replace` covers: the objects a source re-listed.
@@ -146,6 +172,8 @@ pub enum ResumeError {
 pub struct Store {
     revision: u64,
     objects: BTreeMap<ObjectRef, Entry>,
+    /// Kept in step with `objects`, so the per-kind gauges need no scan per change.
+    held: BTreeMap<SmiKind, Held>,
     history: VecDeque<Arc<Delta>>,
     history_limit: usize,
 }
@@ -156,6 +184,7 @@ impl Store {
         Store {
             revision: 0,
             objects: BTreeMap::new(),
+            held: BTreeMap::new(),
             history: VecDeque::new(),
             history_limit: history_limit.max(1),
         }
@@ -175,6 +204,10 @@ impl Store {
 
     pub fn get(&self, object: &ObjectRef) -> Option<&Entry> {
         self.objects.get(object)
+    }
+
+    pub fn held(&self, kind: SmiKind) -> Held {
+        self.held.get(&kind).copied().unwrap_or_default()
     }
 
     /// Records an added or modified object. `None` when nothing changed (a re-list or a
@@ -218,6 +251,16 @@ impl Store {
         if previous == Some(&entry) {
             return None;
         }
+        let was_invalid = previous.is_some_and(|p| p.invalid.is_some());
+        let held = self.held.entry(object.kind).or_default();
+        if previous.is_none() {
+            held.objects += 1;
+        }
+        match (was_invalid, entry.invalid.is_some()) {
+            (false, true) => held.invalid += 1,
+            (true, false) => held.invalid -= 1,
+            _ => {}
+        }
         self.objects.insert(object, entry);
         Some(self.record(change, trace))
     }
@@ -228,7 +271,12 @@ impl Store {
         object: &ObjectRef,
         trace: Option<TraceContext>,
     ) -> Option<Arc<Delta>> {
-        self.objects.remove(object)?;
+        let removed = self.objects.remove(object)?;
+        let held = self.held.entry(object.kind).or_default();
+        held.objects -= 1;
+        if removed.invalid.is_some() {
+            held.invalid -= 1;
+        }
         Some(self.record(Change::Deleted(object.clone()), trace))
     }
 
@@ -578,6 +626,62 @@ mod tests {
     fn an_empty_store_serves_resume_from_zero() {
         let store = Store::new(3);
         assert!(store.deltas_after(0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn held_counts_follow_every_kind_of_change() {
+        let mut store = Store::new(100);
+        let broken = |name: &str, reason: &str| Observed::Invalid {
+            object: tcp_ref(name),
+            api_version: "specs.smi-spec.io/v1alpha4".into(),
+            reason: reason.into(),
+        };
+        let counted = |store: &Store, kind: SmiKind| {
+            let objects = store.objects.keys().filter(|r| r.kind == kind).count();
+            let invalid = store
+                .objects
+                .iter()
+                .filter(|(r, e)| r.kind == kind && e.invalid.is_some())
+                .count();
+            Held { objects, invalid }
+        };
+        let check = |store: &Store, objects, invalid| {
+            assert_eq!(store.held(SmiKind::TCPRoute), Held { objects, invalid });
+            assert_eq!(
+                store.held(SmiKind::TCPRoute),
+                counted(store, SmiKind::TCPRoute)
+            );
+            assert_eq!(
+                store.held(SmiKind::TrafficSplit),
+                counted(store, SmiKind::TrafficSplit)
+            );
+        };
+        check(&store, 0, 0);
+        store.upsert(valid(route("a", "1")), None);
+        store.upsert(valid(split("s", 1)), None);
+        check(&store, 1, 0);
+        // Valid -> invalid -> invalid for another reason: still one invalid object.
+        store.upsert(broken("a", "bad port"), None).unwrap();
+        check(&store, 1, 1);
+        store.upsert(broken("a", "bad name"), None).unwrap();
+        check(&store, 1, 1);
+        // A new object that is invalid from the start.
+        store.upsert(broken("b", "bad port"), None);
+        check(&store, 2, 2);
+        store.upsert(valid(route("a", "2")), None);
+        check(&store, 2, 1);
+        store.delete(&tcp_ref("b"), None);
+        check(&store, 1, 0);
+        store.replace(
+            Scope::Kind(SmiKind::TCPRoute),
+            vec![broken("c", "bad port")],
+            None,
+        );
+        check(&store, 1, 1);
+        assert_eq!(store.held(SmiKind::TrafficSplit).objects, 1);
+        store.replace(Scope::All, vec![], None);
+        check(&store, 0, 0);
+        assert_eq!(store.held(SmiKind::TrafficSplit), Held::default());
     }
 
     #[test]

@@ -120,6 +120,7 @@ async fn dir_source_streams_snapshot_and_file_changes() {
     let server = tokio::spawn(consul_smi_watcher::serve(
         config,
         listener,
+        consul_smi_telemetry::Metrics::new(),
         readiness.clone(),
         async {
             let _ = stopped.await;
@@ -259,6 +260,209 @@ async fn dir_source_streams_snapshot_and_file_changes() {
             "health of {service:?}"
         );
     }
+
+    let _ = stop.send(());
+    tokio::time::timeout(TIMEOUT, server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+const SPLIT_INVALID: &str = "\
+apiVersion: split.smi-spec.io/v1alpha4
+kind: TrafficSplit
+metadata: {name: canary}
+spec:
+  service: \"\"
+  backends: [{service: v1, weight: 1}]
+";
+
+/// The lines of `/metrics` that start with `prefix` and are no comment, sorted.
+fn exposed(metrics: &consul_smi_telemetry::Metrics, prefix: &str) -> Vec<String> {
+    let mut lines: Vec<String> = metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Waits until `/metrics` has `line` (state a subscription task updates after its last event).
+async fn wait_for_line(metrics: &consul_smi_telemetry::Metrics, line: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !metrics.encode().lines().any(|l| l == line) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {line:?} in\n{}",
+            metrics.encode()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn dir_source_records_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "routes.yaml", ROUTES);
+    write(dir.path(), "target.yml", TARGET);
+    write(dir.path(), "split.yaml", SPLIT_INVALID);
+
+    let mut config = WatcherConfig::new(Source::Dir(dir.path().to_path_buf()));
+    config.poll_interval_ms = 50;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let metrics = consul_smi_telemetry::Metrics::new();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(consul_smi_watcher::serve(
+        config,
+        listener,
+        metrics.clone(),
+        consul_smi_telemetry::Readiness::new(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let stream = consul_smi_watcher::subscribe(endpoint.clone(), "", 0, "metrics-test")
+        .await
+        .unwrap();
+    let mut replica = Replica {
+        stream,
+        objects: BTreeMap::new(),
+        revision: 0,
+        deltas: 0,
+    };
+    let begin = replica.next().await;
+    replica
+        .wait_until("snapshot complete", |r| r.objects.len() == 4)
+        .await;
+    assert!(matches!(
+        replica.next().await.change,
+        WatchChange::SnapshotEnd
+    ));
+    // The gauges and counters are set with the store's lock held, before any snapshot can
+    // include the changes, and the subscriber is counted before its first event: all exact.
+    // The kinds starting with T: the three the manifests define.
+    assert_eq!(
+        exposed(&metrics, "consul_smi_watcher_changes_total{kind=\"T"),
+        [
+            "consul_smi_watcher_changes_total{kind=\"TCPRoute\",change=\"applied\"} 2",
+            "consul_smi_watcher_changes_total{kind=\"TCPRoute\",change=\"deleted\"} 0",
+            "consul_smi_watcher_changes_total{kind=\"TCPRoute\",change=\"invalid\"} 0",
+            "consul_smi_watcher_changes_total{kind=\"TrafficSplit\",change=\"applied\"} 0",
+            "consul_smi_watcher_changes_total{kind=\"TrafficSplit\",change=\"deleted\"} 0",
+            "consul_smi_watcher_changes_total{kind=\"TrafficSplit\",change=\"invalid\"} 1",
+            "consul_smi_watcher_changes_total{kind=\"TrafficTarget\",change=\"applied\"} 1",
+            "consul_smi_watcher_changes_total{kind=\"TrafficTarget\",change=\"deleted\"} 0",
+            "consul_smi_watcher_changes_total{kind=\"TrafficTarget\",change=\"invalid\"} 0",
+        ]
+    );
+    assert_eq!(
+        exposed(&metrics, "consul_smi_watcher_objects"),
+        [
+            "consul_smi_watcher_objects{kind=\"HTTPRouteGroup\"} 0",
+            "consul_smi_watcher_objects{kind=\"TCPRoute\"} 2",
+            "consul_smi_watcher_objects{kind=\"TrafficSplit\"} 1",
+            "consul_smi_watcher_objects{kind=\"TrafficTarget\"} 1",
+            "consul_smi_watcher_objects{kind=\"UDPRoute\"} 0",
+        ]
+    );
+    assert_eq!(
+        exposed(
+            &metrics,
+            "consul_smi_watcher_invalid_objects{kind=\"TrafficSplit\"}"
+        ),
+        ["consul_smi_watcher_invalid_objects{kind=\"TrafficSplit\"} 1"]
+    );
+    assert_eq!(
+        exposed(&metrics, "consul_smi_watcher_revision"),
+        ["consul_smi_watcher_revision 4"]
+    );
+    assert_eq!(
+        exposed(&metrics, "consul_smi_watcher_subscribers"),
+        ["consul_smi_watcher_subscribers 1"]
+    );
+    assert_eq!(
+        exposed(&metrics, "consul_smi_watcher_snapshots_total"),
+        [
+            "consul_smi_watcher_snapshots_total{cause=\"fell_behind\"} 0",
+            "consul_smi_watcher_snapshots_total{cause=\"initial\"} 1",
+            "consul_smi_watcher_snapshots_total{cause=\"resume_unavailable\"} 0",
+        ]
+    );
+
+    // A changed file: `legacy` deleted, `db` changed. The split fixed: applied, no longer invalid.
+    write(
+        dir.path(),
+        "routes.yaml",
+        "apiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\nmetadata: {name: db}\nspec: {matches: {ports: [6432]}}\n",
+    );
+    write(
+        dir.path(),
+        "split.yaml",
+        &SPLIT_INVALID.replace("service: \"\"", "service: api"),
+    );
+    // A removed file: its target deleted.
+    std::fs::remove_file(dir.path().join("target.yml")).unwrap();
+    replica
+        .wait_until("legacy and target deleted, db changed, split valid", |r| {
+            r.names() == ["TCPRoute/db", "TrafficSplit/canary"]
+                && r.objects.values().all(Result::is_ok)
+                && matches!(
+                    r.objects.get(&ObjectRef::new(SmiKind::TCPRoute, "default", "db")),
+                    Some(Ok(SmiObject::TcpRoute(t))) if t.matches.as_ref().unwrap().ports == [6432]
+                )
+        })
+        .await;
+    let revision = replica.revision;
+    assert_eq!(revision, 4 + 4, "four changes: {:?}", replica.objects);
+    for line in [
+        "consul_smi_watcher_changes_total{kind=\"TCPRoute\",change=\"applied\"} 3",
+        "consul_smi_watcher_changes_total{kind=\"TCPRoute\",change=\"deleted\"} 1",
+        "consul_smi_watcher_changes_total{kind=\"TrafficTarget\",change=\"deleted\"} 1",
+        "consul_smi_watcher_changes_total{kind=\"TrafficSplit\",change=\"applied\"} 1",
+        "consul_smi_watcher_changes_total{kind=\"TrafficSplit\",change=\"invalid\"} 1",
+        "consul_smi_watcher_objects{kind=\"TCPRoute\"} 1",
+        "consul_smi_watcher_objects{kind=\"TrafficTarget\"} 0",
+        "consul_smi_watcher_objects{kind=\"TrafficSplit\"} 1",
+        "consul_smi_watcher_invalid_objects{kind=\"TrafficSplit\"} 0",
+        "consul_smi_watcher_revision 8",
+    ] {
+        assert!(
+            metrics.encode().lines().any(|l| l == line),
+            "missing {line:?} in\n{}",
+            metrics.encode()
+        );
+    }
+
+    // A second subscriber resuming in this epoch gets no snapshot; one from another epoch does.
+    let resumed =
+        consul_smi_watcher::subscribe(endpoint.clone(), begin.epoch.clone(), revision, "resumer")
+            .await
+            .unwrap();
+    wait_for_line(&metrics, "consul_smi_watcher_resumes_total 1").await;
+    let mut restarted =
+        consul_smi_watcher::subscribe(endpoint, "an-earlier-run", revision, "restarted")
+            .await
+            .unwrap();
+    let first = restarted.message().await.unwrap().unwrap();
+    assert_eq!(
+        HubWatchEvent::try_from(first).unwrap().change,
+        WatchChange::SnapshotBegin(SnapshotReason::ResumeUnavailable)
+    );
+    assert!(
+        metrics
+            .encode()
+            .contains("consul_smi_watcher_snapshots_total{cause=\"resume_unavailable\"} 1\n")
+    );
+    wait_for_line(&metrics, "consul_smi_watcher_subscribers 3").await;
+    // Subscribers that go away are no longer counted.
+    drop(resumed);
+    drop(restarted);
+    wait_for_line(&metrics, "consul_smi_watcher_subscribers 1").await;
 
     let _ = stop.send(());
     tokio::time::timeout(TIMEOUT, server)
