@@ -34,7 +34,7 @@ impl InvalidObjects {
         *self.0.lock().expect("invalid-objects lock poisoned") = objects.into_iter().collect();
     }
 
-    fn snapshot(&self) -> BTreeMap<ObjectRef, String> {
+    pub(crate) fn snapshot(&self) -> BTreeMap<ObjectRef, String> {
         self.0
             .lock()
             .expect("invalid-objects lock poisoned")

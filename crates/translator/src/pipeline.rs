@@ -236,7 +236,7 @@ impl Pipeline {
                 });
                 Vec::new()
             }
-            Some(Event::Applied(applied)) => match decode_object(applied.object) {
+            Some(Event::Applied(applied)) => match decode_object(applied.object.as_ref()) {
                 Ok(object) => match snapshot {
                     Some(pending) => {
                         pending.objects.push(object);
@@ -254,7 +254,7 @@ impl Pipeline {
                     }
                 },
                 Err(reason) => {
-                    warn!(%reason, "undecodable object in watch stream");
+                    self.undecodable(applied.object.as_ref(), reason, snapshot);
                     Vec::new()
                 }
             },
@@ -310,6 +310,36 @@ impl Pipeline {
             None => Vec::new(),
         };
         Handled::Commands(commands)
+    }
+
+    /// An object the watcher sent but this translator cannot decode (a newer watcher, say) is
+    /// treated like an invalid one: listed in diagnostics, and its last valid version stays in
+    /// effect, also across snapshots, so skew between the two never revokes granted access.
+    fn undecodable(
+        &mut self,
+        wire: Option<&v1::SmiObject>,
+        reason: String,
+        snapshot: &mut Option<PendingSnapshot>,
+    ) {
+        let Some(object) = wire.and_then(consul_smi_grpc::smi::wire_object_ref) else {
+            warn!(%reason, "undecodable object without a name in the watch stream");
+            return;
+        };
+        let reason = format!("smi-translator cannot decode this object: {reason}");
+        warn!(object = %object, %reason, "undecodable SMI object");
+        match snapshot {
+            Some(pending) => {
+                let last_valid = self
+                    .index
+                    .read()
+                    .expect("index lock poisoned")
+                    .get(&object)
+                    .cloned();
+                pending.objects.extend(last_valid);
+                pending.invalid.push((object, reason));
+            }
+            None => self.invalid.set(object, reason),
+        }
     }
 
     async fn flush(&mut self, batch: &mut Vec<TracedCommand>) {
@@ -378,7 +408,7 @@ impl Pipeline {
     }
 }
 
-fn decode_object(object: Option<v1::SmiObject>) -> Result<SmiObject, String> {
+fn decode_object(object: Option<&v1::SmiObject>) -> Result<SmiObject, String> {
     let object = object.ok_or_else(|| "event without object".to_string())?;
     SmiObject::try_from(object).map_err(|e| e.to_string())
 }
@@ -488,5 +518,92 @@ mod tests {
             (String::new(), 0),
             "reconnect after a cut snapshot must ask for a fresh one: {requests:?}"
         );
+    }
+
+    fn wire(manifest: &str) -> v1::SmiObject {
+        let object = consul_smi_api::decode_manifests(manifest)
+            .remove(0)
+            .expect("a valid manifest");
+        v1::SmiObject::from(&object)
+    }
+
+    fn applied(object: v1::SmiObject) -> Option<Event> {
+        Some(Event::Applied(v1::Applied {
+            object: Some(object),
+        }))
+    }
+
+    const ROUTE: &str = "apiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\nmetadata: {name: db, namespace: default}\nspec: {matches: {ports: [5432]}}\n";
+    const TARGET: &str = "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {name: t, namespace: default}\nspec:\n  destination: {kind: ServiceAccount, name: db, namespace: default}\n  rules: [{kind: TCPRoute, name: db}]\n  sources: [{kind: ServiceAccount, name: app, namespace: default}]\n";
+
+    /// The route as a newer watcher might send it: content this translator rejects.
+    fn undecodable_route() -> v1::SmiObject {
+        let mut route = wire(ROUTE);
+        if let Some(v1::smi_object::Object::TcpRoute(r)) = &mut route.object {
+            r.matches.as_mut().expect("matches").ports = vec![70_000];
+        }
+        route
+    }
+
+    #[test]
+    fn an_undecodable_object_is_reported_and_its_last_valid_version_kept_across_snapshots() {
+        let (to_writer, _from_pipeline) = mpsc::channel(4);
+        let invalid = InvalidObjects::default();
+        let index = Arc::new(RwLock::new(Index::new(TranslateOptions::default())));
+        let mut pipeline = Pipeline {
+            watcher: consul_smi_grpc::tls::ClientEndpoint::new("http://127.0.0.1:1", None).unwrap(),
+            index: index.clone(),
+            invalid: invalid.clone(),
+            to_writer,
+            subscriber: "test".into(),
+            batch_window: Duration::from_millis(1),
+            metrics: consul_smi_telemetry::Metrics::new(),
+            events: None,
+            position: None,
+            options: TranslateOptions::default(),
+            consul_api_updates: None,
+        };
+        let route =
+            consul_smi_api::ObjectRef::new(consul_smi_api::SmiKind::TCPRoute, "default", "db");
+        let ports = |index: &Index| match index.get(&route) {
+            Some(consul_smi_api::SmiObject::TcpRoute(r)) => {
+                r.matches.as_ref().map(|m| m.ports.clone())
+            }
+            other => panic!("route not in the index: {other:?}"),
+        };
+        let begin = || Some(Event::SnapshotBegin(v1::SnapshotBegin { reason: 1 }));
+        let end = || Some(Event::SnapshotEnd(v1::SnapshotEnd::default()));
+
+        let mut snapshot = None;
+        for event in [begin(), applied(wire(ROUTE)), applied(wire(TARGET)), end()] {
+            pipeline.handle_in_span(event, &mut snapshot);
+        }
+        assert_eq!(ports(&index.read().unwrap()), Some(vec![5432]));
+        let granted = index.read().unwrap().desired().intentions.len();
+        assert_eq!(granted, 1);
+
+        // As a delta: reported, the valid version stays.
+        pipeline.handle_in_span(applied(undecodable_route()), &mut snapshot);
+        assert_eq!(ports(&index.read().unwrap()), Some(vec![5432]));
+        let reported = invalid.snapshot();
+        assert!(
+            reported
+                .get(&route)
+                .is_some_and(|r| r.contains("cannot decode") && r.contains("ports")),
+            "{reported:?}"
+        );
+
+        // In a fresh snapshot too.
+        for event in [
+            begin(),
+            applied(wire(TARGET)),
+            applied(undecodable_route()),
+            end(),
+        ] {
+            pipeline.handle_in_span(event, &mut snapshot);
+        }
+        assert_eq!(ports(&index.read().unwrap()), Some(vec![5432]));
+        assert_eq!(index.read().unwrap().desired().intentions.len(), granted);
+        assert!(invalid.snapshot().contains_key(&route));
     }
 }
