@@ -6,45 +6,8 @@ use anyhow::{Context, Result, bail};
 use consul_smi_api::{ObjectRef, SmiKind, SmiObject};
 use consul_smi_core::{Command, DesiredState, IntentionRule, ServiceName};
 use consul_smi_grpc::v1;
-use consul_smi_translate::{ConsulApi, Severity, TranslateOptions, diff, translate};
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum ConsulApiArg {
-    Legacy,
-    Modern,
-}
-
-#[derive(clap::Args)]
-pub struct TranslateArgs {
-    /// Consul API to plan for: legacy (< 1.9, L4 only) or modern (1.9+, L7).
-    #[arg(
-        long,
-        env = "CONSUL_SMI_CONSUL_API",
-        value_enum,
-        default_value = "legacy"
-    )]
-    consul_api: ConsulApiArg,
-    /// On legacy Consul, widen L7-only grants to L4 allows.
-    #[arg(long, default_value_t = false)]
-    widen_l7_on_legacy: bool,
-    /// Manage a `* -> *` deny intention.
-    #[arg(long, default_value_t = false)]
-    default_deny: bool,
-}
-
-impl TranslateArgs {
-    fn options(&self) -> TranslateOptions {
-        TranslateOptions {
-            target: match self.consul_api {
-                ConsulApiArg::Legacy => ConsulApi::Legacy,
-                ConsulApiArg::Modern => ConsulApi::Modern,
-            },
-            widen_l7_on_legacy: self.widen_l7_on_legacy,
-            default_deny: self.default_deny,
-            ..TranslateOptions::default()
-        }
-    }
-}
+use consul_smi_translate::{ConsulApi, Severity, diff, translate};
+use consul_smi_translator::{ConsulApiArg, TranslateArgs};
 
 #[derive(clap::Args)]
 pub struct ValidateArgs {
@@ -187,7 +150,10 @@ pub fn validate(args: &ValidateArgs) -> Result<bool> {
 }
 
 pub async fn plan(args: &PlanArgs) -> Result<()> {
-    let options = args.translate.options();
+    let mut options = args.translate.options();
+    if args.live && args.translate.consul_api == ConsulApiArg::Auto {
+        options.target = live_consul_api().await?;
+    }
     let (objects, problems) = load(&args.paths)?;
     if !problems.is_empty() {
         for problem in &problems {
@@ -246,6 +212,21 @@ pub async fn plan(args: &PlanArgs) -> Result<()> {
         println!("# not in effect: {diagnostic}");
     }
     Ok(())
+}
+
+/// The intentions API the Consul at CONSUL_HTTP_ADDR speaks, as consul-writer detects it.
+async fn live_consul_api() -> Result<ConsulApi> {
+    use consul_smi_consul::{ApiFlavor, ConsulClient, ConsulConfig};
+    consul_smi_consul::install_crypto_provider();
+    let client = ConsulClient::new(&ConsulConfig::from_env()?)?;
+    let flavor = client
+        .flavor()
+        .await
+        .context("asking Consul which intentions API it speaks (or pass --consul-api)")?;
+    Ok(match flavor {
+        ApiFlavor::Legacy => ConsulApi::Legacy,
+        ApiFlavor::Modern => ConsulApi::Modern,
+    })
 }
 
 type LiveIntentions = (
@@ -470,5 +451,40 @@ mod tests {
             args.object.as_deref(),
             Some("TrafficTarget/default/api-clients")
         );
+    }
+
+    #[test]
+    fn plan_takes_the_translators_options_including_enterprise_namespaces() {
+        use consul_smi_translate::{ConsulApi, NamespaceMode};
+        let cli = Cli::try_parse_from([
+            "consul-smi",
+            "plan",
+            "deploy/examples",
+            "--consul-api",
+            "modern",
+            "--enterprise-namespaces",
+            "--namespace-prefix",
+            "k8s-",
+            "--default-deny",
+        ])
+        .unwrap();
+        let Commands::Plan(args) = cli.command else {
+            panic!("not the plan command");
+        };
+        let options = args.translate.options();
+        assert_eq!(options.target, ConsulApi::Modern);
+        assert_eq!(
+            options.namespaces,
+            NamespaceMode::Enterprise {
+                mirroring_prefix: Some("k8s-".into())
+            }
+        );
+        assert!(options.default_deny);
+        // Without a live Consul to ask, `auto` (the default) plans for the legacy API.
+        let cli = Cli::try_parse_from(["consul-smi", "validate", "deploy/examples"]).unwrap();
+        let Commands::Validate(args) = cli.command else {
+            panic!("not the validate command");
+        };
+        assert_eq!(args.translate.options().target, ConsulApi::Legacy);
     }
 }

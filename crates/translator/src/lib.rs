@@ -34,8 +34,8 @@ pub enum TranslatorError {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ConsulApiArg {
-    /// Ask consul-writer which API its Consul speaks (legacy until it answers, and with a
-    /// writer too old to say).
+    /// Find out: the translator asks consul-writer, `plan --live` asks Consul; legacy until
+    /// known, and where nothing can be asked (`validate`, `plan --from`).
     Auto,
     /// Consul < 1.9: L4 intentions only.
     Legacy,
@@ -66,6 +66,38 @@ pub struct TranslatorConfig {
         default_value = "http://127.0.0.1:7403"
     )]
     pub writer: String,
+    /// How SMI becomes Consul state (shared with `consul-smi validate` and `plan`).
+    #[command(flatten)]
+    pub translate: TranslateArgs,
+    /// Seconds between full Syncs to the writer.
+    #[arg(long, env = "CONSUL_SMI_RESYNC_SECONDS", default_value_t = 60)]
+    pub resync_seconds: u64,
+    /// Longest a change waits to be batched with others, in milliseconds.
+    #[arg(long, env = "CONSUL_SMI_BATCH_MILLIS", default_value_t = 20)]
+    pub batch_millis: u64,
+    /// Publish Kubernetes Events on SMI objects with diagnostics (needs `create` on events).
+    #[arg(long, env = "CONSUL_SMI_KUBE_EVENTS", default_value_t = false)]
+    pub kube_events: bool,
+    /// Kubeconfig for Kubernetes Events; default: $KUBECONFIG, ~/.kube/config, or in-cluster.
+    #[arg(long, env = "CONSUL_SMI_TRANSLATOR_KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Name this subscriber reports to the watcher.
+    #[arg(long, env = "CONSUL_SMI_SUBSCRIBER", default_value = "smi-translator")]
+    pub subscriber: String,
+    /// mTLS for the gRPC server and for the connections to the watcher and the writer.
+    #[command(flatten)]
+    pub tls: consul_smi_grpc::tls::TlsArgs,
+}
+
+impl TranslatorConfig {
+    pub fn translate_options(&self) -> TranslateOptions {
+        self.translate.options()
+    }
+}
+
+/// The translation options, as flags (with env fallbacks).
+#[derive(Clone, Debug, clap::Args)]
+pub struct TranslateArgs {
     /// Which Consul intention API the writer targets; decides whether L7 rules can be expressed.
     #[arg(
         long,
@@ -90,31 +122,14 @@ pub struct TranslatorConfig {
     /// Manage a `* -> *` deny intention (default deny), off by default.
     #[arg(long, env = "CONSUL_SMI_DEFAULT_DENY", default_value_t = false)]
     pub default_deny: bool,
-    /// Seconds between full Syncs to the writer.
-    #[arg(long, env = "CONSUL_SMI_RESYNC_SECONDS", default_value_t = 60)]
-    pub resync_seconds: u64,
-    /// Longest a change waits to be batched with others, in milliseconds.
-    #[arg(long, env = "CONSUL_SMI_BATCH_MILLIS", default_value_t = 20)]
-    pub batch_millis: u64,
-    /// Publish Kubernetes Events on SMI objects with diagnostics (needs `create` on events).
-    #[arg(long, env = "CONSUL_SMI_KUBE_EVENTS", default_value_t = false)]
-    pub kube_events: bool,
-    /// Kubeconfig for Kubernetes Events; default: $KUBECONFIG, ~/.kube/config, or in-cluster.
-    #[arg(long, env = "CONSUL_SMI_TRANSLATOR_KUBECONFIG")]
-    pub kubeconfig: Option<std::path::PathBuf>,
-    /// Name this subscriber reports to the watcher.
-    #[arg(long, env = "CONSUL_SMI_SUBSCRIBER", default_value = "smi-translator")]
-    pub subscriber: String,
-    /// mTLS for the gRPC server and for the connections to the watcher and the writer.
-    #[command(flatten)]
-    pub tls: consul_smi_grpc::tls::TlsArgs,
 }
 
-impl TranslatorConfig {
-    pub fn translate_options(&self) -> TranslateOptions {
+impl TranslateArgs {
+    /// The options to translate with; `auto` starts with the legacy API, whose output is valid
+    /// on every Consul and withholds what it cannot express.
+    pub fn options(&self) -> TranslateOptions {
         TranslateOptions {
             target: match self.consul_api {
-                // Its output is valid on every Consul and withholds what it cannot express.
                 ConsulApiArg::Auto | ConsulApiArg::Legacy => ConsulApi::Legacy,
                 ConsulApiArg::Modern => ConsulApi::Modern,
             },
@@ -157,7 +172,7 @@ pub async fn serve(
     let (to_writer, from_pipeline) = mpsc::channel(64);
     // With `--consul-api auto` the link asks each writer it connects to which API its Consul
     // speaks; the stream consumer, the only one changing the index, re-translates.
-    let (reported_api, consul_api_updates) = match config.consul_api {
+    let (reported_api, consul_api_updates) = match config.translate.consul_api {
         ConsulApiArg::Auto => {
             let (sender, receiver) = tokio::sync::watch::channel(None);
             (Some(sender), Some(receiver))
