@@ -20,17 +20,19 @@ use crate::{NamespaceMode, TranslateOptions};
 /// One shared copy of each object's name: the index refers to an object from many places.
 type Ref = Arc<ObjectRef>;
 
-/// The value for `key`, inserted as default if missing; clones the key only when inserting.
+/// The value for `key`, inserted as default if missing; clones the key only when inserting
+/// (`entry` takes an owned key), at the price of hashing it twice.
 fn slot<'m, K, Q, V>(map: &'m mut HashMap<K, V>, key: &Q) -> &'m mut V
 where
     K: Borrow<Q> + Hash + Eq,
     Q: ToOwned<Owned = K> + Hash + Eq + ?Sized,
     V: Default,
 {
-    if !map.contains_key(key) {
-        map.insert(key.to_owned(), V::default());
+    if map.contains_key(key) {
+        map.get_mut(key).expect("checked above")
+    } else {
+        map.entry(key.to_owned()).or_default()
     }
-    map.get_mut(key).expect("inserted above")
 }
 
 fn btree_slot<'m, K, Q, V>(map: &'m mut BTreeMap<K, V>, key: &Q) -> &'m mut V
@@ -43,6 +45,13 @@ where
         map.insert(key.to_owned(), V::default());
     }
     map.get_mut(key).expect("inserted above")
+}
+
+fn http_defaults(service: &ServiceName) -> ServiceDefaults {
+    ServiceDefaults {
+        service: service.clone(),
+        protocol: "http".into(),
+    }
 }
 
 /// Why a service needs `protocol = http`.
@@ -229,8 +238,9 @@ pub struct Index {
     by_destination: HashMap<ServiceName, BTreeSet<Ref>>,
     /// Route → TrafficTargets (with a valid destination) whose rules name it.
     route_dependents: HashMap<ObjectRef, HashSet<Ref>>,
-    /// Destination → its intention keys in `desired`, sorted.
-    destination_keys: HashMap<ServiceName, Vec<IntentionKey>>,
+    /// Destination → the sources of its intentions in `desired`, sorted (sources rather than
+    /// whole keys: half the strings to copy for every intention).
+    destination_sources: HashMap<ServiceName, Vec<ServiceName>>,
     by_root: HashMap<ServiceName, BTreeSet<Ref>>,
     /// Root → the services its written splitter needs http for.
     splitter_http: HashMap<ServiceName, Vec<ServiceName>>,
@@ -255,7 +265,7 @@ impl Index {
             splits: HashMap::new(),
             by_destination: HashMap::new(),
             route_dependents: HashMap::new(),
-            destination_keys: HashMap::new(),
+            destination_sources: HashMap::new(),
             by_root: HashMap::new(),
             splitter_http: HashMap::new(),
             http_reasons: HashMap::new(),
@@ -432,18 +442,39 @@ impl Index {
     /// Fill a fresh index: insert everything, then compute every destination, split root and
     /// collapse once, building the intention map in one sorted pass.
     fn load(&mut self, objects: Vec<SmiObject>) {
+        // Later objects replace earlier ones with the same name, as updates would; what is
+        // left is indexed once, with the large maps sized up front rather than regrown.
+        let mut stored: HashMap<Ref, SmiObject> = HashMap::with_capacity(objects.len());
+        for object in objects {
+            stored.insert(Arc::new(object.object_ref()), object);
+        }
+        let targets = stored
+            .keys()
+            .filter(|object_ref| object_ref.kind == SmiKind::TrafficTarget)
+            .count();
+        self.targets.reserve(targets);
+        // A guess (meshes commonly have a couple of TrafficTargets per destination); a wrong
+        // one costs one regrowth, whereas growing from empty rehashes every key several times.
+        self.by_destination.reserve(targets / 2);
+        if self.oss() {
+            self.identity_refs.reserve(targets / 2);
+        }
         let mut touched = Touched {
             bulk: true,
             ..Touched::default()
         };
-        for object in objects {
-            let object_ref = object.object_ref();
-            self.remove_object(&object_ref, &mut touched);
-            self.insert_object(object_ref, object, &mut touched);
+        let mut diagnostics = Vec::with_capacity(stored.len());
+        for (object_ref, object) in &stored {
+            let object_diagnostics = self.index_object(object_ref, object, &mut touched);
+            diagnostics.push((object_ref.clone(), object_diagnostics));
         }
+        self.objects = stored;
+        // Built from the sorted pairs in one pass, instead of one search per object.
+        self.diagnostics = diagnostics.into_iter().collect();
 
         let mut intentions: Vec<Intention> = Vec::new();
-        let mut http_destinations: Vec<ServiceName> = Vec::new();
+        self.destination_sources.reserve(self.by_destination.len());
+        self.http_reasons.reserve(self.by_destination.len());
         for (destination, group) in &self.by_destination {
             let output = resolve::resolve_destination(
                 destination,
@@ -459,21 +490,26 @@ impl Index {
                 }
             }
             if !output.intentions.is_empty() {
-                let keys = output.intentions.iter().map(|i| i.key.clone()).collect();
-                self.destination_keys.insert(destination.clone(), keys);
+                let sources = output.intentions.iter().map(|i| i.key.source.clone());
+                self.destination_sources
+                    .insert(destination.clone(), sources.collect());
             }
             if output.needs_http {
-                http_destinations.push(destination.clone());
+                let reasons = HashSet::from([HttpReason::Destination]);
+                self.http_reasons.insert(destination.clone(), reasons);
             }
             intentions.extend(output.intentions);
         }
         intentions.extend(mem::take(&mut self.desired.intentions).into_values());
         self.desired.intentions = resolve::intention_map(intentions);
+        // Nothing else needs http yet: splitters are added below, through `set_http_reason`.
+        self.desired.service_defaults = self
+            .http_reasons
+            .keys()
+            .map(|service| (service.clone(), http_defaults(service)))
+            .collect();
 
         let mut log = ChangeLog::default();
-        for destination in http_destinations {
-            self.set_http_reason(&destination, HttpReason::Destination, true, &mut log);
-        }
         let roots: Vec<ServiceName> = self.by_root.keys().cloned().collect();
         for root in &roots {
             self.recompute_root(root, &mut log);
@@ -607,8 +643,21 @@ impl Index {
 
     fn insert_object(&mut self, object_ref: ObjectRef, object: SmiObject, touched: &mut Touched) {
         let object_ref: Ref = Arc::new(object_ref);
+        let diagnostics = self.index_object(&object_ref, &object, touched);
+        self.diagnostics.insert(object_ref.clone(), diagnostics);
+        self.objects.insert(object_ref, object);
+    }
+
+    /// Enter a new `object` into every structure but `objects` and `diagnostics`; returns its
+    /// diagnostics.
+    fn index_object(
+        &mut self,
+        object_ref: &Ref,
+        object: &SmiObject,
+        touched: &mut Touched,
+    ) -> ObjectDiagnostics {
         let mut diagnostics = ObjectDiagnostics::default();
-        match &object {
+        match object {
             SmiObject::TrafficTarget(target) => {
                 let mut target_plan = plan::plan_target(target, &self.options);
                 diagnostics.local = mem::take(&mut target_plan.local);
@@ -627,20 +676,20 @@ impl Index {
                         btree_slot(by_namespace, identity.namespace.as_str())
                             .insert((object_ref.clone(), identity.field));
                     }
-                    touched.target(&object_ref);
+                    touched.target(object_ref);
                 }
                 self.targets.insert(object_ref.clone(), target_plan);
             }
             SmiObject::HttpRouteGroup(group) => {
                 let mut route_plan = plan::plan_http_route_group(group);
                 diagnostics.local = mem::take(&mut route_plan.local);
-                self.routes.http.insert((*object_ref).clone(), route_plan);
-                self.touch_route_dependents(&object_ref, touched);
+                self.routes.http.insert((**object_ref).clone(), route_plan);
+                self.touch_route_dependents(object_ref, touched);
             }
             SmiObject::TcpRoute(route) => {
                 diagnostics.local = plan::tcp_route_diagnostics(route);
-                self.routes.tcp.insert((*object_ref).clone());
-                self.touch_route_dependents(&object_ref, touched);
+                self.routes.tcp.insert((**object_ref).clone());
+                self.touch_route_dependents(object_ref, touched);
             }
             SmiObject::UdpRoute(route) => diagnostics.local = plan::udp_route_diagnostics(route),
             SmiObject::TrafficSplit(split) => {
@@ -653,8 +702,7 @@ impl Index {
                 self.splits.insert(object_ref.clone(), split_plan);
             }
         }
-        self.diagnostics.insert(object_ref.clone(), diagnostics);
-        self.objects.insert(object_ref, object);
+        diagnostics
     }
 
     fn settle(&mut self, touched: &Touched, log: &mut ChangeLog) {
@@ -693,13 +741,21 @@ impl Index {
             }
         }
 
-        let new_keys: Vec<IntentionKey> = output.intentions.iter().map(|i| i.key.clone()).collect();
-        for key in self
-            .destination_keys
+        let new_sources: Vec<ServiceName> = output
+            .intentions
+            .iter()
+            .map(|i| i.key.source.clone())
+            .collect();
+        for source in self
+            .destination_sources
             .remove(destination)
             .unwrap_or_default()
         {
-            if new_keys.binary_search(&key).is_err() {
+            if new_sources.binary_search(&source).is_err() {
+                let key = IntentionKey {
+                    source,
+                    destination: destination.clone(),
+                };
                 log.intention(&key, &self.desired);
                 self.desired.intentions.remove(&key);
             }
@@ -712,8 +768,9 @@ impl Index {
                     .insert(intention.key.clone(), intention);
             }
         }
-        if !new_keys.is_empty() {
-            self.destination_keys.insert(destination.clone(), new_keys);
+        if !new_sources.is_empty() {
+            self.destination_sources
+                .insert(destination.clone(), new_sources);
         }
         self.set_http_reason(destination, HttpReason::Destination, output.needs_http, log);
     }
@@ -784,13 +841,9 @@ impl Index {
             let reasons = self.http_reasons.entry(service.clone()).or_default();
             if reasons.insert(reason) && reasons.len() == 1 {
                 log.defaults(service, &self.desired);
-                self.desired.service_defaults.insert(
-                    service.clone(),
-                    ServiceDefaults {
-                        service: service.clone(),
-                        protocol: "http".into(),
-                    },
-                );
+                self.desired
+                    .service_defaults
+                    .insert(service.clone(), http_defaults(service));
             }
         } else if let Some(reasons) = self.http_reasons.get_mut(service)
             && reasons.remove(&reason)
