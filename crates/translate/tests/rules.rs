@@ -1104,3 +1104,61 @@ fn the_index_can_move_between_threads() {
     assert_send_sync::<Index>();
     assert_send_sync::<Translation>();
 }
+
+#[test]
+fn a_reset_to_a_nearly_identical_snapshot_returns_only_the_difference() {
+    // A watch restart delivers every object again; Consul must only see what changed meanwhile.
+    let grant = |name: &str, destination: &str, sources: &[&str]| {
+        let sources = sources.iter().map(|s| sa(s)).collect();
+        target(
+            "default",
+            name,
+            sa(destination),
+            sources,
+            vec![tcp_rule("tcp")],
+        )
+    };
+    let mut objects = vec![tcp_route("default", "tcp")];
+    objects.extend((0..40).map(|i| grant(&format!("tt-{i}"), &format!("api-{i}"), &["web"])));
+    objects.push(target(
+        "default",
+        "tt-broken",
+        sa("db"),
+        vec![sa("web")],
+        vec![tcp_rule("missing")],
+    ));
+    let mut index = Index::new(modern());
+    index.reset(objects.clone());
+    let diagnostics: Vec<Diagnostic> = index.diagnostics().cloned().collect();
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+
+    assert_eq!(index.reset(objects.clone()), vec![]);
+    assert_eq!(index.desired(), &translate(&objects, &modern()).state);
+    assert_eq!(
+        index.diagnostics().cloned().collect::<Vec<_>>(),
+        diagnostics
+    );
+
+    // tt-5 gains a source, tt-7 is gone, tt-new appears.
+    let mut next = objects.clone();
+    next[1 + 5] = grant("tt-5", "api-5", &["web", "batch"]);
+    next.remove(1 + 7);
+    next.push(grant("tt-new", "api-new", &["web"]));
+    let commands = index.reset(next.clone());
+    let expected = translate(&next, &modern()).state;
+    assert_eq!(
+        commands,
+        vec![
+            Command::UpsertIntention(expected.intentions[&key("batch", "api-5")].clone()),
+            Command::DeleteIntention(key("web", "api-7")),
+            Command::UpsertIntention(expected.intentions[&key("web", "api-new")].clone()),
+        ]
+    );
+    assert_eq!(index.desired(), &expected);
+    assert_eq!(index.objects_len(), 42);
+    assert_eq!(
+        index.diagnostics().cloned().collect::<Vec<_>>(),
+        diagnostics
+    );
+    assert_eq!(index.get(&next[1 + 5].object_ref()), Some(&next[1 + 5]));
+}
