@@ -151,6 +151,9 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 /// * `unchanged`: a watch restart (RESUME_UNAVAILABLE) with nothing changed, the common case;
 /// * `one_percent_changed`: a watch restart after 1% of the TrafficTargets changed (one more
 ///   source each, so their destinations' intentions change).
+///
+/// `replace_from_empty` is the start-up case through [`Index::replace`], which returns no
+/// commands.
 fn reset_cases(targets: usize) -> Vec<(&'static str, Index, Vec<SmiObject>)> {
     let options = options();
     let objects = mesh(targets);
@@ -203,6 +206,23 @@ fn print_plain_figures() {
                 ms(median(cpu)),
             );
         }
+        let objects = mesh(targets);
+        let (wall, cpu): (Vec<_>, Vec<_>) = (0..runs)
+            .map(|_| {
+                let mut index = Index::new(options.clone());
+                let objects = objects.clone();
+                timed(move || {
+                    index.replace(objects);
+                    index
+                })
+            })
+            .unzip();
+        eprintln!(
+            "plain: Index::replace() at {targets} TrafficTargets, from_empty: {:>8.2} ms \
+             (on-CPU {:>8.2} ms); medians of {runs}",
+            ms(median(wall)),
+            ms(median(cpu)),
+        );
     }
     if !plain_section("full_build") {
         return print_incremental_figures();
@@ -311,6 +331,18 @@ fn benches(c: &mut Criterion) {
             )
         });
     }
+    let objects = mesh(10_000);
+    reset.bench_function("replace_from_empty/10000", |b| {
+        b.iter_batched(
+            || objects.clone(),
+            |objects| {
+                let mut index = Index::new(options.clone());
+                index.replace(objects);
+                index
+            },
+            BatchSize::LargeInput,
+        )
+    });
     reset.finish();
 
     let targets = 10_000;

@@ -310,8 +310,19 @@ impl Index {
     ///
     /// If `objects` holds two objects with the same [`ObjectRef`], the later one wins.
     pub fn reset(&mut self, objects: Vec<SmiObject>) -> Vec<Command> {
+        self.take_snapshot(objects, true)
+    }
+
+    /// [`Index::reset`] without the commands, for a caller that sends a full sync of
+    /// [`Index::desired`] after a snapshot anyway: listing every entry as a command is a sixth
+    /// of rebuilding a large index, all of it wasted then.
+    pub fn replace(&mut self, objects: Vec<SmiObject>) {
+        self.take_snapshot(objects, false);
+    }
+
+    fn take_snapshot(&mut self, objects: Vec<SmiObject>, with_commands: bool) -> Vec<Command> {
         if self.objects.is_empty() {
-            return self.rebuild(objects);
+            return self.rebuild(objects, with_commands);
         }
         // A watch restart usually delivers (nearly) the objects the index already holds, and
         // rebuilding everything costs as much as thousands of single changes. So when few
@@ -319,9 +330,9 @@ impl Index {
         // recomputed, exactly as `apply`/`delete` would, in one batch.
         match self.snapshot_changes(&objects) {
             Some(changes) if changes.len() <= self.objects.len() / INCREMENTAL_RESET_DIVISOR => {
-                self.reset_incrementally(objects, changes)
+                self.reset_incrementally(objects, changes, with_commands)
             }
-            _ => self.rebuild(objects),
+            _ => self.rebuild(objects, with_commands),
         }
     }
 
@@ -332,15 +343,19 @@ impl Index {
         }
         let objects: Vec<SmiObject> = mem::take(&mut self.objects).into_values().collect();
         self.options = options;
-        self.rebuild(objects)
+        self.rebuild(objects, true)
     }
 
     /// Replace the whole index by a fresh one loaded with `objects`; returns the commands from
-    /// the previous state to the new one.
-    fn rebuild(&mut self, objects: Vec<SmiObject>) -> Vec<Command> {
+    /// the previous state to the new one, if asked for.
+    fn rebuild(&mut self, objects: Vec<SmiObject>, with_commands: bool) -> Vec<Command> {
         let mut fresh = Index::new(self.options.clone());
         fresh.load(objects);
-        let commands = diff(&self.desired, &fresh.desired);
+        let commands = if with_commands {
+            diff(&self.desired, &fresh.desired)
+        } else {
+            Vec::new()
+        };
         *self = fresh;
         commands
     }
@@ -385,11 +400,13 @@ impl Index {
     }
 
     /// Apply the snapshot `objects` as the single changes `changes` (from
-    /// [`Index::snapshot_changes`] of the same snapshot), recomputing once at the end.
+    /// [`Index::snapshot_changes`] of the same snapshot), recomputing once at the end; returns
+    /// their commands, if asked for.
     fn reset_incrementally(
         &mut self,
         objects: Vec<SmiObject>,
         changes: SnapshotChanges,
+        with_commands: bool,
     ) -> Vec<Command> {
         let mut touched = Touched::default();
         for object_ref in &changes.deleted {
@@ -403,7 +420,10 @@ impl Index {
                 self.insert_object(object_ref, object, &mut touched);
             }
         }
-        let mut log = ChangeLog::recording();
+        let mut log = ChangeLog {
+            enabled: with_commands,
+            ..ChangeLog::default()
+        };
         self.settle(&touched, &mut log);
         log.commands(&self.desired)
     }

@@ -400,7 +400,8 @@ proptest! {
 
     /// A reset to a snapshot close to the held one (the index replaces only what differs when
     /// few objects do, and rebuilds otherwise; few edits of up to 16 objects exercise both)
-    /// ends exactly where loading the snapshot into a fresh index does.
+    /// ends exactly where loading the snapshot into a fresh index does, with or without
+    /// commands.
     #[test]
     fn reset_to_an_edited_snapshot_equals_a_fresh_load(
         before in objects(),
@@ -416,7 +417,9 @@ proptest! {
             });
         }
         let mut index = Index::new(options.clone());
-        index.reset(before);
+        index.reset(before.clone());
+        let mut replaced = index.clone();
+        replaced.replace(after.clone());
         let previous = index.desired().clone();
         let commands = index.reset(after.clone());
 
@@ -438,6 +441,11 @@ proptest! {
         for (object_ref, object) in &model {
             prop_assert_eq!(index.get(object_ref), Some(object));
         }
+        prop_assert_eq!(replaced.desired(), fresh.desired());
+        prop_assert_eq!(
+            replaced.diagnostics().collect::<Vec<_>>(),
+            fresh.diagnostics().collect::<Vec<_>>()
+        );
         prop_assert!(index.reset(after).is_empty());
     }
 }
