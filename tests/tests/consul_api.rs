@@ -84,6 +84,12 @@ async fn by_default_l7_permissions_reach_a_consul_that_speaks_the_modern_api() -
     .await?;
     let web = source(&double, "web").context("web → api")?;
     assert_eq!(web["Action"], "allow", "{web}");
+    // Written once, already with the permission: no Sync translated for the legacy API (which
+    // withholds the L7 grant) reached this Consul before the translator switched.
+    let entry = double
+        .entry("service-intentions", "api")
+        .context("api entry")?;
+    assert_eq!(entry["CreateIndex"], entry["ModifyIndex"], "{entry}");
     Ok(())
 }
 

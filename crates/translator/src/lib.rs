@@ -206,7 +206,6 @@ pub async fn serve(
         events,
         metrics,
         position: None,
-        options: config.translate_options(),
         consul_api_updates,
     };
     let pipeline_task = tokio::spawn(pipeline.run());

@@ -26,8 +26,6 @@ pub(crate) struct Pipeline {
     pub(crate) events: Option<tokio::sync::watch::Sender<Vec<crate::events::ReportedDiagnostic>>>,
     /// Resume point: (epoch, last revision seen).
     pub(crate) position: Option<(String, u64)>,
-    /// The options the index translates with now.
-    pub(crate) options: consul_smi_translate::TranslateOptions,
     /// The Consul API consul-writer reports (`--consul-api auto` only).
     pub(crate) consul_api_updates:
         Option<tokio::sync::watch::Receiver<Option<consul_smi_translate::ConsulApi>>>,
@@ -82,7 +80,18 @@ impl Pipeline {
                 }
             }
             self.metrics.inc_stream_reconnects("watch");
-            tokio::time::sleep(crate::backoff(attempt)).await;
+            // The writer link holds back Syncs until the index follows the API it reported:
+            // adopt it even while the watcher is away.
+            let backoff = tokio::time::sleep(crate::backoff(attempt));
+            tokio::pin!(backoff);
+            loop {
+                tokio::select! {
+                    _ = &mut backoff => break,
+                    _ = consul_api_reported(&mut self.consul_api_updates) => {
+                        self.switch_to_reported_consul_api().await;
+                    }
+                }
+            }
         }
     }
 
@@ -123,7 +132,7 @@ impl Pipeline {
                     // switch supersedes them.
                     self.flush(&mut batch).await;
                     batch_deadline = None;
-                    self.adopt_reported_consul_api().await;
+                    self.switch_to_reported_consul_api().await;
                     continue;
                 }
                 Wakeup::Message(Ok(message)) => message,
@@ -183,13 +192,8 @@ impl Pipeline {
         if snapshot.is_none() {
             self.position = Some((epoch, revision));
         }
-        if let Some(events) = &self.events
-            && snapshot.is_none()
-        {
-            let current = crate::events::current_diagnostics(
-                &self.index.read().expect("index lock poisoned"),
-            );
-            events.send_replace(current);
+        if snapshot.is_none() {
+            self.publish_events();
         }
         match handled {
             Handled::Commands(commands) => {
@@ -207,6 +211,10 @@ impl Pipeline {
                     .collect()
             }
             Handled::SyncNeeded => {
+                // A switch the writer reported meanwhile goes into this Sync, not a later one.
+                if self.adopt_reported_consul_api() {
+                    self.publish_events();
+                }
                 self.record_gauges();
                 // A fresh snapshot may follow a gap (our restart, the watcher's, lost
                 // commands): a full Sync makes Consul exactly the desired state.
@@ -360,29 +368,54 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    /// Re-translates everything for the Consul API the writer reported, if it differs.
-    async fn adopt_reported_consul_api(&mut self) {
+    /// Re-translates everything for the Consul API the writer reported, if it differs from
+    /// the index's; returns whether it did. The commands are not needed: a Sync carries the
+    /// whole new desired state.
+    fn adopt_reported_consul_api(&mut self) -> bool {
         let reported = self
             .consul_api_updates
             .as_mut()
             .and_then(|updates| *updates.borrow_and_update());
-        let Some(api) = reported else { return };
-        if api == self.options.target {
+        let Some(api) = reported else { return false };
+        let mut index = self.index.write().expect("index lock poisoned");
+        let previous = index.options().target;
+        if api == previous {
+            return false;
+        }
+        info!(
+            ?api,
+            ?previous,
+            "translating for the Consul API consul-writer reports"
+        );
+        let options = consul_smi_translate::TranslateOptions {
+            target: api,
+            ..index.options().clone()
+        };
+        let _ = index.set_options(options);
+        true
+    }
+
+    /// Adopts a reported API between events, with the Sync the writer link waits for.
+    async fn switch_to_reported_consul_api(&mut self) {
+        if !self.adopt_reported_consul_api() {
             return;
         }
-        info!(?api, previous = ?self.options.target, "translating for the Consul API consul-writer reports");
-        self.options.target = api;
-        // The commands are not needed: the Sync below carries the whole new desired state.
-        let _ = self
-            .index
-            .write()
-            .expect("index lock poisoned")
-            .set_options(self.options.clone());
         self.record_gauges();
+        self.publish_events();
         // Before the first complete snapshot the index is not worth a Sync: the snapshot's
         // own Sync will carry the new translation.
         if self.position.is_some() {
             let _ = self.to_writer.send(LinkMessage::Sync).await;
+        }
+    }
+
+    /// The current diagnostics, to become Kubernetes Events (when enabled).
+    fn publish_events(&self) {
+        if let Some(events) = &self.events {
+            let current = crate::events::current_diagnostics(
+                &self.index.read().expect("index lock poisoned"),
+            );
+            events.send_replace(current);
         }
     }
 
@@ -499,7 +532,6 @@ mod tests {
             metrics: consul_smi_telemetry::Metrics::new(),
             events: None,
             position: None,
-            options: TranslateOptions::default(),
             consul_api_updates: None,
         };
         let task = tokio::spawn(pipeline.run());
@@ -560,7 +592,6 @@ mod tests {
             metrics: consul_smi_telemetry::Metrics::new(),
             events: None,
             position: None,
-            options: TranslateOptions::default(),
             consul_api_updates: None,
         };
         let route =

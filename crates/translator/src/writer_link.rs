@@ -95,7 +95,22 @@ impl WriterLink {
                     }
                 }
             }
+            if sync_needed {
+                // tonic reconnects a channel by itself, so a writer restarted after a Consul
+                // upgrade may sit behind the same client: ask again before every Sync.
+                self.api_reported = false;
+            }
             self.ask_consul_api().await;
+            if self.index_awaits_reported_api() {
+                // Delivered now, the index's translation for the previous API would strip (or,
+                // with --widen-l7-on-legacy, widen) L7 grants until the next Sync. The stream
+                // consumer re-translates and then asks for the Sync that replaces this one.
+                debug!(
+                    "holding delivery until the index follows the Consul API the writer reported"
+                );
+                sync_needed = false;
+                continue;
+            }
             let delivered = if sync_needed {
                 // The Sync reads the index now, so it also covers every queued command.
                 self.sync().await
@@ -122,6 +137,19 @@ impl WriterLink {
                 }
             }
         }
+    }
+
+    /// Whether the writer reported a Consul API the index does not translate for yet.
+    fn index_awaits_reported_api(&self) -> bool {
+        let Some(reported) = self.reported_api.as_ref().and_then(|r| *r.borrow()) else {
+            return false;
+        };
+        self.index
+            .read()
+            .expect("index lock poisoned")
+            .options()
+            .target
+            != reported
     }
 
     /// Asks the writer behind a new connection which Consul API it speaks, once; a writer
