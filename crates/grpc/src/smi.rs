@@ -281,10 +281,10 @@ fn port_match_from_wire(
     })
 }
 
-/// Which object a wire object is, from its kind and metadata alone: names an object whose
-/// content does not decode (e.g. sent by a newer watcher) so it can be reported and its last
-/// valid version kept. `None` when even that is missing.
-pub fn wire_object_ref(wire: &v1::SmiObject) -> Option<hub::ObjectRef> {
+/// Which object a wire object is, from its kind and metadata alone, with its Kubernetes uid:
+/// names an object whose content does not decode (e.g. sent by a newer watcher) so it can be
+/// reported and its last valid version kept. `None` when even that is missing.
+pub fn wire_object_identity(wire: &v1::SmiObject) -> Option<(hub::ObjectRef, Option<String>)> {
     use v1::smi_object::Object;
     let (kind, meta) = match wire.object.as_ref()? {
         Object::TrafficTarget(t) => (hub::SmiKind::TrafficTarget, t.meta.as_ref()),
@@ -294,7 +294,10 @@ pub fn wire_object_ref(wire: &v1::SmiObject) -> Option<hub::ObjectRef> {
         Object::TrafficSplit(s) => (hub::SmiKind::TrafficSplit, s.meta.as_ref()),
     };
     let meta = meta?;
-    Some(hub::ObjectRef::new(kind, &meta.namespace, &meta.name))
+    Some((
+        hub::ObjectRef::new(kind, &meta.namespace, &meta.name),
+        meta.uid.clone(),
+    ))
 }
 
 impl TryFrom<&v1::SmiObject> for hub::SmiObject {

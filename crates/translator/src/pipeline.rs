@@ -329,7 +329,7 @@ impl Pipeline {
         reason: String,
         snapshot: &mut Option<PendingSnapshot>,
     ) {
-        let Some(object) = wire.and_then(consul_smi_grpc::smi::wire_object_ref) else {
+        let Some((object, uid)) = wire.and_then(consul_smi_grpc::smi::wire_object_identity) else {
             warn!(%reason, "undecodable object without a name in the watch stream");
             return;
         };
@@ -337,11 +337,17 @@ impl Pipeline {
         warn!(object = %object, %reason, "undecodable SMI object");
         match snapshot {
             Some(pending) => {
+                // Not the version of an object deleted and re-created under the same name
+                // while the stream was down: that one's grants must not come back.
                 let last_valid = self
                     .index
                     .read()
                     .expect("index lock poisoned")
                     .get(&object)
+                    .filter(|kept| match (&kept.meta().uid, &uid) {
+                        (Some(kept), Some(sent)) => kept == sent,
+                        _ => true,
+                    })
                     .cloned();
                 pending.objects.extend(last_valid);
                 pending.invalid.push((object, reason));
@@ -635,6 +641,27 @@ mod tests {
         }
         assert_eq!(ports(&index.read().unwrap()), Some(vec![5432]));
         assert_eq!(index.read().unwrap().desired().intentions.len(), granted);
+        assert!(invalid.snapshot().contains_key(&route));
+
+        // Deleted and re-created under the same name while the stream was down: the new
+        // object (another uid) does not decode, and the old one's version must not stand in.
+        let with_uid = |mut wire: v1::SmiObject, uid: &str| {
+            if let Some(v1::smi_object::Object::TcpRoute(r)) = &mut wire.object {
+                r.meta.as_mut().expect("meta").uid = Some(uid.into());
+            }
+            wire
+        };
+        pipeline.handle_in_span(applied(with_uid(wire(ROUTE), "old")), &mut snapshot);
+        assert_eq!(ports(&index.read().unwrap()), Some(vec![5432]));
+        for event in [
+            begin(),
+            applied(wire(TARGET)),
+            applied(with_uid(undecodable_route(), "new")),
+            end(),
+        ] {
+            pipeline.handle_in_span(event, &mut snapshot);
+        }
+        assert!(index.read().unwrap().get(&route).is_none());
         assert!(invalid.snapshot().contains_key(&route));
     }
 }
