@@ -212,12 +212,6 @@ struct SnapshotChanges {
     deleted: Vec<Ref>,
 }
 
-impl SnapshotChanges {
-    fn len(&self) -> usize {
-        self.replaced.len() + self.deleted.len()
-    }
-}
-
 /// In-memory index of every SMI object and the Consul state they mean.
 ///
 /// A change recomputes only what it can affect: a TrafficTarget its old and new destination;
@@ -328,11 +322,10 @@ impl Index {
         // rebuilding everything costs as much as thousands of single changes. So when few
         // objects differ, only they are replaced and deleted, and only what they touch is
         // recomputed, exactly as `apply`/`delete` would, in one batch.
-        match self.snapshot_changes(&objects) {
-            Some(changes) if changes.len() <= self.objects.len() / INCREMENTAL_RESET_DIVISOR => {
-                self.reset_incrementally(objects, changes, with_commands)
-            }
-            _ => self.rebuild(objects, with_commands),
+        let limit = self.objects.len() / INCREMENTAL_RESET_DIVISOR;
+        match self.snapshot_changes(&objects, limit) {
+            Some(changes) => self.reset_incrementally(objects, changes, with_commands),
+            None => self.rebuild(objects, with_commands),
         }
     }
 
@@ -360,10 +353,11 @@ impl Index {
         commands
     }
 
-    /// How the snapshot `objects` differs from the stored objects, or `None` when it names one
-    /// object twice (the later one must win, which a full rebuild does; such a snapshot is not
-    /// expected from a watch, so it need not be fast).
-    fn snapshot_changes(&self, objects: &[SmiObject]) -> Option<SnapshotChanges> {
+    /// How the snapshot `objects` differs from the stored objects, or `None` when more than
+    /// `limit` objects differ (the comparison stops there) or when it names one object twice
+    /// (the later one must win, which a full rebuild does; such a snapshot is not expected
+    /// from a watch, so it need not be fast).
+    fn snapshot_changes(&self, objects: &[SmiObject], limit: usize) -> Option<SnapshotChanges> {
         let mut changes = SnapshotChanges::default();
         // Stored objects the snapshot names, found through the stored keys so no name is
         // cloned; new objects, whose names are owned.
@@ -387,8 +381,15 @@ impl Index {
                     changes.replaced.push(position);
                 }
             }
+            if changes.replaced.len() > limit {
+                return None;
+            }
         }
-        if stored_seen.len() < self.objects.len() {
+        let deleted = self.objects.len() - stored_seen.len();
+        if changes.replaced.len() + deleted > limit {
+            return None;
+        }
+        if deleted > 0 {
             changes.deleted = self
                 .objects
                 .keys()
