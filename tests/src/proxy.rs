@@ -86,7 +86,7 @@ impl FaultProxy {
     }
 
     /// Every connection open now is cut at its next chunk, in either direction: part of the
-    /// chunk is passed on, then both sides are reset. A chunk is one or more HTTP/2 frames,
+    /// chunk is passed on, then both sides are closed. A chunk is one or more HTTP/2 frames,
     /// so the peer sees a frame that ends in the middle.
     pub fn cut_mid_message(&self) {
         self.state.cut_generation.send_modify(|g| *g += 1);

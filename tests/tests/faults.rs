@@ -194,7 +194,11 @@ async fn burst_of_1000_changes_with_each_service_sigkilled_converges_and_never_o
     grantable.remove(&burst.pair(conflict));
     let sampler = GrantSampler::start(consul_url(&env)?, burst.infix(), grantable.clone());
 
-    let seed = burst.salt.len() + u16::from_str_radix(&burst.salt, 16)? as usize;
+    // FAULT_SEED=<n> replays a run's kill points (printed below).
+    let seed = match std::env::var("FAULT_SEED") {
+        Ok(seed) => seed.parse().context("FAULT_SEED must be a number")?,
+        Err(_) => u16::from_str_radix(&burst.salt, 16)? as usize,
+    };
     let chunks = (KILL_CREATED + KILL_DELETED) / KILL_CHUNK;
     let kill_at = [
         (seed % chunks, Service::Watcher),
@@ -202,7 +206,7 @@ async fn burst_of_1000_changes_with_each_service_sigkilled_converges_and_never_o
         ((seed / 49) % chunks, Service::Writer),
         ((seed / 343) % chunks, Service::Writer),
     ];
-    eprintln!("kill points (chunk of {KILL_CHUNK} changes): {kill_at:?}");
+    eprintln!("FAULT_SEED={seed}: kill points (chunk of {KILL_CHUNK} changes): {kill_at:?}");
     // From the 100th creation on, every other one is followed by the deletion of the object
     // created 100 earlier: the even indexes below 600 go.
     let changes: Vec<(bool, usize)> = (0..KILL_CREATED)
@@ -241,9 +245,15 @@ async fn burst_of_1000_changes_with_each_service_sigkilled_converges_and_never_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_partitioned_then_slow_then_slower_than_the_timeout_converges_and_never_over_grants()
 -> Result<()> {
+    let writer_admin = consul_smi_e2e::services::free_addr()?;
     let env = E2eEnv::start_with(LocalOptions {
         consul_proxy: true,
-        writer_args: vec!["--consul-request-timeout".into(), "1s".into()],
+        writer_args: vec![
+            "--consul-request-timeout".into(),
+            "1s".into(),
+            "--admin-listen".into(),
+            writer_admin.to_string(),
+        ],
         ..LocalOptions::default()
     })
     .await?;
@@ -276,11 +286,18 @@ async fn consul_partitioned_then_slow_then_slower_than_the_timeout_converges_and
 
     // Slower than the writer's 1 s timeout: Consul performs each write, the writer never
     // hears back and retries (a create it already made answers "duplicate intention").
+    let timeouts_before = transport_errors(writer_admin).await?;
     proxy.set_answer_delay(Duration::from_millis(1500));
     burst.create(&env, 45..60).await?;
     burst.delete(&env, &sampler, 8..10).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     proxy.set_answer_delay(Duration::ZERO);
+    let timeouts = transport_errors(writer_admin).await? - timeouts_before;
+    eprintln!("{timeouts} Consul requests of the writer timed out in the slow phase");
+    assert!(
+        timeouts > 0,
+        "the writer never timed out waiting for Consul: the phase did not test what it claims"
+    );
 
     let mut expected = burst.pairs(10..60);
     expected.remove(&burst.pair(conflict));
@@ -294,6 +311,23 @@ async fn consul_partitioned_then_slow_then_slower_than_the_timeout_converges_and
         proxy.connections()
     );
     Ok(())
+}
+
+/// Consul requests that got no HTTP answer (connect failures and timeouts), from the
+/// writer's `/metrics`.
+async fn transport_errors(admin: std::net::SocketAddr) -> Result<u64> {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|line| {
+            line.starts_with("consul_smi_consul_requests_total{")
+                && line.contains("outcome=\"transport_error\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
 }
 
 /// A dev agent comes back empty: the writer must write everything again (its owned state
