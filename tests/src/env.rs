@@ -292,9 +292,7 @@ impl E2eEnv {
                     .unwrap_or_default()
                     .to_string(),
                 action: i["Action"].as_str().unwrap_or_default().to_string(),
-                owned: i["Meta"]
-                    .as_object()
-                    .is_some_and(|m| m.keys().any(|k| k.contains("consul-smi"))),
+                owned: crate::oracle::is_owned(i),
             })
             .collect())
     }

@@ -89,12 +89,6 @@ pub struct TranslatorConfig {
     pub tls: consul_smi_grpc::tls::TlsArgs,
 }
 
-impl TranslatorConfig {
-    pub fn translate_options(&self) -> TranslateOptions {
-        self.translate.options()
-    }
-}
-
 /// The translation options, as flags (with env fallbacks).
 #[derive(Clone, Debug, clap::Args)]
 pub struct TranslateArgs {
@@ -165,7 +159,7 @@ pub async fn serve(
     let writer = endpoint(&config.writer, client_tls.as_ref())?;
     let listen_addr = listener.local_addr().ok();
     let incoming = config.tls.incoming(listener)?;
-    let index: SharedIndex = Arc::new(RwLock::new(Index::new(config.translate_options())));
+    let index: SharedIndex = Arc::new(RwLock::new(Index::new(config.translate.options())));
     let invalid = diagnostics::InvalidObjects::default();
 
     // Bounded: a slow writer slows the stream consumer, which slows the watcher's stream.
