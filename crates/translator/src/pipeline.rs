@@ -516,6 +516,25 @@ mod tests {
         }
     }
 
+    /// A pipeline with an empty index, following the watcher at `watcher`.
+    fn test_pipeline(
+        watcher: &str,
+        to_writer: mpsc::Sender<crate::writer_link::LinkMessage>,
+    ) -> Pipeline {
+        Pipeline {
+            watcher: consul_smi_grpc::tls::ClientEndpoint::new(watcher, None).unwrap(),
+            index: Arc::new(RwLock::new(Index::new(TranslateOptions::default()))),
+            invalid: InvalidObjects::default(),
+            to_writer,
+            subscriber: "test".into(),
+            batch_window: Duration::from_millis(1),
+            metrics: consul_smi_telemetry::Metrics::new(),
+            events: None,
+            position: None,
+            consul_api_updates: None,
+        }
+    }
+
     #[tokio::test]
     async fn a_cut_snapshot_is_never_a_resume_point() {
         let service = CutSnapshot::default();
@@ -527,19 +546,7 @@ mod tests {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let (to_writer, _from_pipeline) = mpsc::channel(4);
-        let pipeline = Pipeline {
-            watcher: consul_smi_grpc::tls::ClientEndpoint::new(&format!("http://{addr}"), None)
-                .unwrap(),
-            index: Arc::new(RwLock::new(Index::new(TranslateOptions::default()))),
-            invalid: InvalidObjects::default(),
-            to_writer,
-            subscriber: "test".into(),
-            batch_window: Duration::from_millis(1),
-            metrics: consul_smi_telemetry::Metrics::new(),
-            events: None,
-            position: None,
-            consul_api_updates: None,
-        };
+        let pipeline = test_pipeline(&format!("http://{addr}"), to_writer);
         let task = tokio::spawn(pipeline.run());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while service.requests.lock().unwrap().len() < 2 {
@@ -586,20 +593,8 @@ mod tests {
     #[test]
     fn an_undecodable_object_is_reported_and_its_last_valid_version_kept_across_snapshots() {
         let (to_writer, _from_pipeline) = mpsc::channel(4);
-        let invalid = InvalidObjects::default();
-        let index = Arc::new(RwLock::new(Index::new(TranslateOptions::default())));
-        let mut pipeline = Pipeline {
-            watcher: consul_smi_grpc::tls::ClientEndpoint::new("http://127.0.0.1:1", None).unwrap(),
-            index: index.clone(),
-            invalid: invalid.clone(),
-            to_writer,
-            subscriber: "test".into(),
-            batch_window: Duration::from_millis(1),
-            metrics: consul_smi_telemetry::Metrics::new(),
-            events: None,
-            position: None,
-            consul_api_updates: None,
-        };
+        let mut pipeline = test_pipeline("http://127.0.0.1:1", to_writer);
+        let (index, invalid) = (pipeline.index.clone(), pipeline.invalid.clone());
         let route =
             consul_smi_api::ObjectRef::new(consul_smi_api::SmiKind::TCPRoute, "default", "db");
         let ports = |index: &Index| match index.get(&route) {
