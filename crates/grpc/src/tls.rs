@@ -376,12 +376,27 @@ type Loader<T> = Box<dyn Fn() -> Result<T, TlsError> + Send + Sync>;
 
 /// A value built from files, rebuilt on the first use after any of them changed. A failed
 /// rebuild (mid-rotation: new certificate, old key; a partial write; a CA file being
-/// replaced) keeps the previous value and is retried on the next use.
+/// replaced) keeps the previous value and is retried once the files change again, so a file
+/// that stays broken costs neither a reload nor a warning per handshake.
 struct Reloading<T> {
     what: &'static str,
     paths: Vec<PathBuf>,
     load: Loader<T>,
-    current: RwLock<(Vec<Option<FileStamp>>, Arc<T>)>,
+    current: RwLock<LoadedFrom<T>>,
+}
+
+struct LoadedFrom<T> {
+    /// The files' stamps when `value` was built.
+    stamps: Vec<Option<FileStamp>>,
+    value: Arc<T>,
+    /// The stamps of the last version that failed to load, if any.
+    failed: Option<Vec<Option<FileStamp>>>,
+}
+
+impl<T> LoadedFrom<T> {
+    fn is_current(&self, stamps: &[Option<FileStamp>]) -> bool {
+        self.stamps == stamps || self.failed.as_deref() == Some(stamps)
+    }
 }
 
 impl<T> Reloading<T> {
@@ -392,7 +407,11 @@ impl<T> Reloading<T> {
             what,
             paths,
             load,
-            current: RwLock::new((stamps, value)),
+            current: RwLock::new(LoadedFrom {
+                stamps,
+                value,
+                failed: None,
+            }),
         })
     }
 
@@ -401,25 +420,33 @@ impl<T> Reloading<T> {
         let stamps: Vec<_> = self.paths.iter().map(|p| file_stamp(p)).collect();
         {
             let current = self.current.read().unwrap_or_else(|p| p.into_inner());
-            if current.0 == stamps {
-                return current.1.clone();
+            if current.is_current(&stamps) {
+                return current.value.clone();
             }
         }
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        if current.0 == stamps {
-            return current.1.clone();
+        if current.is_current(&stamps) {
+            return current.value.clone();
         }
         match (self.load)() {
             Ok(value) => {
                 info!(file = %self.paths[0].display(), "reloaded the TLS {}", self.what);
-                *current = (stamps, Arc::new(value));
+                *current = LoadedFrom {
+                    stamps,
+                    value: Arc::new(value),
+                    failed: None,
+                };
             }
-            Err(e) => warn!(
-                error = %e,
-                "cannot reload the TLS {}; keeping the previous one", self.what
-            ),
+            Err(e) => {
+                warn!(
+                    error = %e,
+                    "cannot reload the TLS {}; keeping the previous one until the files change",
+                    self.what
+                );
+                current.failed = Some(stamps);
+            }
         }
-        current.1.clone()
+        current.value.clone()
     }
 }
 
@@ -863,5 +890,47 @@ mod tests {
             })
         ));
         assert!(TlsArgs::default().files().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_file_that_stays_broken_is_loaded_once_and_the_previous_value_kept() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "good").unwrap();
+        let loads = Arc::new(AtomicU32::new(0));
+        let load = {
+            let (path, loads) = (path.clone(), loads.clone());
+            Box::new(move || {
+                loads.fetch_add(1, Ordering::Relaxed);
+                let text = std::fs::read_to_string(&path).unwrap();
+                match text.starts_with("good") {
+                    true => Ok(text),
+                    false => Err(TlsError::Config(format!("unusable: {text}"))),
+                }
+            })
+        };
+        let reloading = Reloading::new("test", vec![path.clone()], load).unwrap();
+        assert_eq!(*reloading.get(), "good");
+
+        // Same length as before: the inode (a new file renamed over, as the kubelet does)
+        // or the mtime must give the change away.
+        let replace = |text: &str| {
+            let next = dir.path().join("next.pem");
+            std::fs::write(&next, text).unwrap();
+            std::fs::rename(&next, &path).unwrap();
+        };
+        replace("bad!");
+        assert_eq!(*reloading.get(), "good");
+        assert_eq!(*reloading.get(), "good");
+        assert_eq!(
+            loads.load(Ordering::Relaxed),
+            2,
+            "the broken version is tried once"
+        );
+
+        replace("good, rotated");
+        assert_eq!(*reloading.get(), "good, rotated");
+        assert_eq!(loads.load(Ordering::Relaxed), 3);
     }
 }
