@@ -168,5 +168,40 @@ spec:
         list(Some(trusting)).await.is_err(),
         "a List without a client certificate was served"
     );
+
+    // The operator's CLI reaches the mTLS translator with the same three flags.
+    let binary = consul_smi_e2e::services::consul_smi_binary()?;
+    let object = format!("TrafficTarget/default/mtls-{s}");
+    let diagnostics = |tls: bool| {
+        let mut command = std::process::Command::new(&binary);
+        command.args([
+            "diagnostics",
+            "--translator",
+            &format!("http://{translator_addr}"),
+        ]);
+        if tls {
+            command.args([
+                "--tls-cert",
+                &path("tls.pem"),
+                "--tls-key",
+                &path("tls-key.pem"),
+                "--tls-ca",
+                &path("ca.pem"),
+            ]);
+        }
+        command.arg(&object).output()
+    };
+    let output = diagnostics(true)?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains(&object),
+        "consul-smi diagnostics over mTLS: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !diagnostics(false)?.status.success(),
+        "consul-smi diagnostics without certificates reached the mTLS translator"
+    );
     Ok(())
 }
