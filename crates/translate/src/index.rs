@@ -94,9 +94,10 @@ impl ObjectDiagnostics {
 /// namespace (sorted).
 ///
 /// Vectors rather than B-trees: a name is nearly always used from one namespace by a few
-/// TrafficTargets, and two B-tree nodes per name were most of the memory, and a sixth of the
-/// time, of loading 10,000 TrafficTargets. The order of references does not matter (collapse
-/// warnings are kept sorted where they are stored); removal scans one namespace's list.
+/// TrafficTargets, and with two B-tree nodes (~800 bytes) per name this index took a sixth of
+/// the time of loading 10,000 TrafficTargets (a third less with vectors). The order of
+/// references does not matter (collapse warnings are kept sorted where they are stored);
+/// removal scans one namespace's list.
 #[derive(Clone, Debug, Default)]
 struct NameRefs {
     by_namespace: Vec<(String, Vec<(Ref, TargetField)>)>,
@@ -136,6 +137,10 @@ impl NameRefs {
 
     fn is_empty(&self) -> bool {
         self.by_namespace.is_empty()
+    }
+
+    fn namespace_count(&self) -> usize {
+        self.by_namespace.len()
     }
 
     fn namespaces(&self) -> impl Iterator<Item = &str> {
@@ -600,10 +605,10 @@ impl Index {
         }
         if self.oss() {
             for (name, refs) in &self.identity_refs {
-                let namespaces: BTreeSet<&str> = refs.namespaces().collect();
-                if namespaces.len() < 2 {
+                if refs.namespace_count() < 2 {
                     continue;
                 }
+                let namespaces: BTreeSet<&str> = refs.namespaces().collect();
                 for (namespace, object, field) in refs.iter() {
                     let diagnostic =
                         resolve::collapse_diagnostic(object, field, namespace, name, &namespaces);
