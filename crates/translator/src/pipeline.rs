@@ -305,12 +305,11 @@ impl Pipeline {
                         "snapshot complete"
                     );
                     self.invalid.replace(pending.invalid);
-                    // The reset's own commands are superseded by the full Sync that follows.
-                    let _ = self
-                        .index
+                    // No commands: the full Sync that follows carries the whole state.
+                    self.index
                         .write()
                         .expect("index lock poisoned")
-                        .reset(pending.objects);
+                        .replace(pending.objects);
                     return Handled::SyncNeeded;
                 }
                 None => Vec::new(),
