@@ -95,6 +95,7 @@ impl Cluster {
 /// smi-watcher running in-process via `consul_smi_watcher::serve`.
 struct Watcher {
     endpoint: String,
+    metrics: consul_smi_telemetry::Metrics,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: JoinHandle<Result<(), WatcherError>>,
 }
@@ -104,10 +105,11 @@ impl Watcher {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics = consul_smi_telemetry::Metrics::new();
         let task = tokio::spawn(consul_smi_watcher::serve(
             config,
             listener,
-            consul_smi_telemetry::Metrics::new(),
+            metrics.clone(),
             consul_smi_telemetry::Readiness::new(),
             async {
                 let _ = stopped.await;
@@ -115,6 +117,7 @@ impl Watcher {
         ));
         Watcher {
             endpoint,
+            metrics,
             stop: Some(stop),
             task,
         }
@@ -711,6 +714,24 @@ async fn api_server_restart_loses_and_duplicates_nothing() {
     .await;
     sub.assert_quiet(Duration::from_secs(1)).await;
     assert_eq!(sub.deltas.len(), 4, "{:?}", sub.deltas);
+
+    // What an operator sees on /metrics: the outages as watch errors, and the objects held.
+    let text = watcher.metrics.encode();
+    let sum = |prefix: &str| -> u64 {
+        text.lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(
+        sum("consul_smi_watcher_kube_watch_errors_total{") > 0,
+        "two API server restarts left no watch error on /metrics:\n{text}"
+    );
+    assert_eq!(
+        sum("consul_smi_watcher_objects{kind=\"TCPRoute\"}"),
+        4,
+        "a, c, d and e are held:\n{text}"
+    );
 }
 
 /// The announcement example (v1alpha1, fields at the top level) written through the v1alpha1
