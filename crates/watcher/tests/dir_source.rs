@@ -11,6 +11,55 @@ use tokio::net::TcpListener;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// smi-watcher serving a directory of manifests, polled every 50 ms.
+struct DirWatcher {
+    endpoint: String,
+    metrics: consul_smi_telemetry::Metrics,
+    readiness: consul_smi_telemetry::Readiness,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), consul_smi_watcher::WatcherError>>,
+}
+
+impl DirWatcher {
+    async fn start(dir: &std::path::Path) -> DirWatcher {
+        let mut config = WatcherConfig::new(Source::Dir(dir.to_path_buf()));
+        config.poll_interval_ms = 50;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (metrics, readiness) = (
+            consul_smi_telemetry::Metrics::new(),
+            consul_smi_telemetry::Readiness::new(),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(consul_smi_watcher::serve(
+            config,
+            listener,
+            metrics.clone(),
+            readiness.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        DirWatcher {
+            endpoint,
+            metrics,
+            readiness,
+            stop,
+            server,
+        }
+    }
+
+    /// Graceful shutdown; fails if the watcher ended with an error.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(TIMEOUT, self.server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
 struct Replica {
     stream: WatchEventStream,
     objects: BTreeMap<ObjectRef, Result<SmiObject, String>>,
@@ -111,21 +160,8 @@ async fn dir_source_streams_snapshot_and_file_changes() {
     std::fs::create_dir(dir.path().join("access")).unwrap();
     write(&dir.path().join("access"), "target.yml", TARGET);
 
-    let mut config = WatcherConfig::new(Source::Dir(dir.path().to_path_buf()));
-    config.poll_interval_ms = 50;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let readiness = consul_smi_telemetry::Readiness::new();
-    let server = tokio::spawn(consul_smi_watcher::serve(
-        config,
-        listener,
-        consul_smi_telemetry::Metrics::new(),
-        readiness.clone(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let watcher = DirWatcher::start(dir.path()).await;
+    let (endpoint, readiness) = (watcher.endpoint.clone(), watcher.readiness.clone());
 
     let stream = consul_smi_watcher::subscribe(endpoint.clone(), "", 0, "dir-test")
         .await
@@ -261,12 +297,7 @@ async fn dir_source_streams_snapshot_and_file_changes() {
         );
     }
 
-    let _ = stop.send(());
-    tokio::time::timeout(TIMEOUT, server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    watcher.stop().await;
 }
 
 const SPLIT_INVALID: &str = "\
@@ -310,21 +341,8 @@ async fn dir_source_records_metrics() {
     write(dir.path(), "target.yml", TARGET);
     write(dir.path(), "split.yaml", SPLIT_INVALID);
 
-    let mut config = WatcherConfig::new(Source::Dir(dir.path().to_path_buf()));
-    config.poll_interval_ms = 50;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let metrics = consul_smi_telemetry::Metrics::new();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(consul_smi_watcher::serve(
-        config,
-        listener,
-        metrics.clone(),
-        consul_smi_telemetry::Readiness::new(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let watcher = DirWatcher::start(dir.path()).await;
+    let (endpoint, metrics) = (watcher.endpoint.clone(), watcher.metrics.clone());
 
     let stream = consul_smi_watcher::subscribe(endpoint.clone(), "", 0, "metrics-test")
         .await
@@ -464,10 +482,5 @@ async fn dir_source_records_metrics() {
     drop(restarted);
     wait_for_line(&metrics, "consul_smi_watcher_subscribers 1").await;
 
-    let _ = stop.send(());
-    tokio::time::timeout(TIMEOUT, server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    watcher.stop().await;
 }
