@@ -68,6 +68,23 @@ struct Replica {
 }
 
 impl Replica {
+    async fn subscribe(
+        endpoint: String,
+        epoch: impl Into<String>,
+        after: u64,
+        name: &str,
+    ) -> Replica {
+        let stream = consul_smi_watcher::subscribe(endpoint, epoch, after, name)
+            .await
+            .unwrap();
+        Replica {
+            stream,
+            objects: BTreeMap::new(),
+            revision: after,
+            deltas: 0,
+        }
+    }
+
     async fn next(&mut self) -> HubWatchEvent {
         let message = tokio::time::timeout(TIMEOUT, self.stream.message())
             .await
@@ -163,15 +180,7 @@ async fn dir_source_streams_snapshot_and_file_changes() {
     let watcher = DirWatcher::start(dir.path()).await;
     let (endpoint, readiness) = (watcher.endpoint.clone(), watcher.readiness.clone());
 
-    let stream = consul_smi_watcher::subscribe(endpoint.clone(), "", 0, "dir-test")
-        .await
-        .unwrap();
-    let mut replica = Replica {
-        stream,
-        objects: BTreeMap::new(),
-        revision: 0,
-        deltas: 0,
-    };
+    let mut replica = Replica::subscribe(endpoint.clone(), "", 0, "dir-test").await;
     let begin = replica.next().await;
     assert_eq!(
         begin.change,
@@ -257,15 +266,7 @@ async fn dir_source_streams_snapshot_and_file_changes() {
         "apiVersion: specs.smi-spec.io/v1alpha4\nkind: UDPRoute\nmetadata: {name: dns}\nspec: {matches: {ports: [53]}}\n",
     );
     let resumed_endpoint = endpoint.clone();
-    let resumed = consul_smi_watcher::subscribe(endpoint, epoch, at, "dir-resume")
-        .await
-        .unwrap();
-    let mut resumed = Replica {
-        stream: resumed,
-        objects: BTreeMap::new(),
-        revision: at,
-        deltas: 0,
-    };
+    let mut resumed = Replica::subscribe(endpoint, epoch, at, "dir-resume").await;
     let first = resumed.next().await;
     assert!(
         matches!(first.change, WatchChange::Applied(ref o) if o.meta().name == "dns"),
@@ -344,15 +345,7 @@ async fn dir_source_records_metrics() {
     let watcher = DirWatcher::start(dir.path()).await;
     let (endpoint, metrics) = (watcher.endpoint.clone(), watcher.metrics.clone());
 
-    let stream = consul_smi_watcher::subscribe(endpoint.clone(), "", 0, "metrics-test")
-        .await
-        .unwrap();
-    let mut replica = Replica {
-        stream,
-        objects: BTreeMap::new(),
-        revision: 0,
-        deltas: 0,
-    };
+    let mut replica = Replica::subscribe(endpoint.clone(), "", 0, "metrics-test").await;
     let begin = replica.next().await;
     replica
         .wait_until("snapshot complete", |r| r.objects.len() == 4)
