@@ -525,7 +525,6 @@ fn load_roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 #[derive(Debug)]
 pub struct ReloadingClientCertVerifier {
     current: Reloading<Arc<dyn ClientCertVerifier>>,
-    provider: Arc<CryptoProvider>,
 }
 
 impl ReloadingClientCertVerifier {
@@ -534,21 +533,16 @@ impl ReloadingClientCertVerifier {
         provider: Arc<CryptoProvider>,
     ) -> Result<ReloadingClientCertVerifier, TlsError> {
         let path = ca.to_path_buf();
-        let verifier_provider = provider.clone();
         let load = move || -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-            WebPkiClientVerifier::builder_with_provider(
-                load_roots(&path)?,
-                verifier_provider.clone(),
-            )
-            .build()
-            .map_err(|e| TlsError::File {
-                path: path.clone(),
-                reason: e.to_string(),
-            })
+            WebPkiClientVerifier::builder_with_provider(load_roots(&path)?, provider.clone())
+                .build()
+                .map_err(|e| TlsError::File {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
         };
         Ok(ReloadingClientCertVerifier {
             current: Reloading::new("CA", vec![ca.to_path_buf()], Box::new(load))?,
-            provider,
         })
     }
 }
@@ -581,12 +575,9 @@ impl ClientCertVerifier for ReloadingClientCertVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.current
+            .get()
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -595,18 +586,13 @@ impl ClientCertVerifier for ReloadingClientCertVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.current
+            .get()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.current.get().supported_verify_schemes()
     }
 }
 
@@ -615,7 +601,6 @@ impl ClientCertVerifier for ReloadingClientCertVerifier {
 #[derive(Debug)]
 pub struct ReloadingServerCertVerifier {
     current: Reloading<Arc<WebPkiServerVerifier>>,
-    provider: Arc<CryptoProvider>,
 }
 
 impl ReloadingServerCertVerifier {
@@ -624,21 +609,16 @@ impl ReloadingServerCertVerifier {
         provider: Arc<CryptoProvider>,
     ) -> Result<ReloadingServerCertVerifier, TlsError> {
         let path = ca.to_path_buf();
-        let verifier_provider = provider.clone();
         let load = move || {
-            WebPkiServerVerifier::builder_with_provider(
-                load_roots(&path)?,
-                verifier_provider.clone(),
-            )
-            .build()
-            .map_err(|e| TlsError::File {
-                path: path.clone(),
-                reason: e.to_string(),
-            })
+            WebPkiServerVerifier::builder_with_provider(load_roots(&path)?, provider.clone())
+                .build()
+                .map_err(|e| TlsError::File {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
         };
         Ok(ReloadingServerCertVerifier {
             current: Reloading::new("CA", vec![ca.to_path_buf()], Box::new(load))?,
-            provider,
         })
     }
 }
@@ -667,12 +647,9 @@ impl ServerCertVerifier for ReloadingServerCertVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.current
+            .get()
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -681,18 +658,13 @@ impl ServerCertVerifier for ReloadingServerCertVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.current
+            .get()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.current.get().supported_verify_schemes()
     }
 }
 
