@@ -1,7 +1,8 @@
 //! Real Consul dev agents for tests.
 //!
-//! [`ConsulAgent::start`] finds the binary with `tests/harness/install-consul.sh` (which
-//! installs Consul 1.8.7 on first use), starts `consul agent -dev` on free loopback ports,
+//! [`ConsulAgent::start`] finds the binary of the chosen [`ConsulRelease`]
+//! (`tests/harness/install-consul.sh` installs Consul 1.8.7 on first use,
+//! `tests/harness/build-consul.sh` builds Consul 1.14.11), starts `consul agent -dev` on free loopback ports,
 //! waits for a leader and, with ACLs, bootstraps them and keeps the management token.
 //! Dev agents keep their state in memory: [`ConsulAgent::restart`] brings the same agent
 //! back on the same ports with EMPTY state, which is what a lost Consul looks like to a
@@ -20,9 +21,43 @@ use anyhow::{Context, Result, anyhow, bail};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Which Consul to run: the two intention APIs users meet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConsulRelease {
+    /// 1.8.7 from Debian bullseye: the legacy `/v1/connect/intentions` API.
+    #[default]
+    Legacy,
+    /// 1.14.11 built from its Go module: `service-intentions` config entries, L7 permissions.
+    Modern,
+}
+
+impl ConsulRelease {
+    /// `CONSUL_SMI_CONSUL=modern` (or `1.14`) runs a whole suite against the modern release;
+    /// unset or `legacy` (`1.8`) keeps 1.8.7. Anything else is an error, not a silent default.
+    pub fn from_env() -> Result<ConsulRelease> {
+        match std::env::var("CONSUL_SMI_CONSUL").as_deref() {
+            Err(_) | Ok("") | Ok("legacy") | Ok("1.8") => Ok(ConsulRelease::Legacy),
+            Ok("modern") | Ok("1.14") => Ok(ConsulRelease::Modern),
+            Ok(other) => {
+                bail!("CONSUL_SMI_CONSUL={other:?}: expected legacy (1.8) or modern (1.14)")
+            }
+        }
+    }
+
+    /// The script that installs or builds this release and prints its path.
+    fn script(self) -> &'static str {
+        match self {
+            ConsulRelease::Legacy => "harness/install-consul.sh",
+            ConsulRelease::Modern => "harness/build-consul.sh",
+        }
+    }
+}
+
 /// How to start an agent.
 #[derive(Clone, Debug, Default)]
 pub struct ConsulAgentOptions {
+    /// Which Consul binary (default: 1.8.7).
+    pub release: ConsulRelease,
     /// Enable ACLs with `default_policy = "deny"` and bootstrap them.
     pub acl: bool,
     /// Also serve HTTPS (certificates from a throw-away CA made with openssl) and require a
@@ -43,6 +78,11 @@ impl ConsulAgentOptions {
             tls: true,
             ..Default::default()
         }
+    }
+
+    /// The same options on another release.
+    pub fn on(self, release: ConsulRelease) -> Self {
+        ConsulAgentOptions { release, ..self }
     }
 }
 
@@ -97,7 +137,7 @@ pub struct HttpReply {
 
 impl ConsulAgent {
     pub fn start(options: ConsulAgentOptions) -> Result<ConsulAgent> {
-        let binary = consul_binary()?;
+        let binary = consul_binary(options.release)?;
         let dir = tempfile::Builder::new()
             .prefix("consul-smi-agent-")
             .tempdir()
@@ -268,6 +308,11 @@ impl ConsulAgent {
             .arg("-data-dir")
             .arg(&data)
             .args(["-hcl", "disable_update_check = true"]);
+        if self.options.release == ConsulRelease::Modern {
+            // 1.14's dev mode also listens on the fixed gRPC TLS port 8503, so parallel agents
+            // would collide; 1.8.7 has no such port (and rejects the key).
+            command.args(["-hcl", "ports { grpc_tls = -1 }"]);
+        }
         if self.options.acl {
             command.args(["-hcl", r#"acl { enabled = true default_policy = "deny" }"#]);
         }
@@ -368,9 +413,10 @@ impl Drop for ConsulAgent {
     }
 }
 
-/// The consul binary: `CONSUL_BIN`, or whatever `tests/harness/install-consul.sh` prints.
-pub fn consul_binary() -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("harness/install-consul.sh");
+/// The consul binary of `release`: whatever its harness script prints (`CONSUL_BIN` or
+/// `CONSUL_MODERN_BIN` when set).
+pub fn consul_binary(release: ConsulRelease) -> Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(release.script());
     let output = Command::new("bash")
         .arg(&script)
         .stderr(Stdio::inherit())
@@ -379,10 +425,11 @@ pub fn consul_binary() -> Result<PathBuf> {
     if !output.status.success() {
         bail!("{} failed with {}", script.display(), output.status);
     }
-    let path = String::from_utf8(output.stdout).context("install-consul.sh printed non-UTF-8")?;
+    let path = String::from_utf8(output.stdout)
+        .with_context(|| format!("{} printed non-UTF-8", script.display()))?;
     let path = PathBuf::from(path.lines().last().unwrap_or_default().trim());
     if !path.is_file() {
-        bail!("install-consul.sh printed {path:?}, which is not a file");
+        bail!("{} printed {path:?}, which is not a file", script.display());
     }
     Ok(path)
 }

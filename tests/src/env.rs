@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use consul_smi_api::{CrdConversion, SmiKind, WebhookTarget};
-use consul_smi_consul::{Call, ConsulClient, ConsulConfig};
+use consul_smi_consul::{ApiFlavor, Call, ConsulClient, ConsulConfig};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::ApiResource;
 
-use crate::consul::{ConsulAgent, ConsulAgentOptions};
+use crate::consul::{ConsulAgent, ConsulAgentOptions, ConsulRelease};
 use crate::kube::KubeApiServer;
 use crate::proxy::FaultProxy;
 use crate::services::{Pipeline, PipelineOptions, Service, Source, free_addr};
@@ -109,8 +109,9 @@ impl E2eEnv {
         let apiserver = KubeApiServer::start()
             .await
             .context("starting the local API server")?;
-        let consul =
-            ConsulAgent::start(ConsulAgentOptions::default()).context("starting Consul")?;
+        let release = ConsulRelease::from_env()?;
+        let consul = ConsulAgent::start(ConsulAgentOptions::default().on(release))
+            .with_context(|| format!("starting Consul ({release:?})"))?;
         let cert = apiserver.issue_serving_cert("watcher-webhook")?;
         let consul_proxy = match options.consul_proxy {
             true => Some(FaultProxy::start(consul.http_addr().parse()?).await?),
@@ -275,14 +276,22 @@ impl E2eEnv {
 
     /// Consul's intentions.
     pub async fn intentions(&self) -> Result<BTreeSet<IntentionRow>> {
-        let list: Vec<serde_json::Value> = self
-            .consul
-            .get_json(Call::new(
+        let list: Vec<serde_json::Value> = if self.consul.flavor().await? == ApiFlavor::Modern {
+            let call = Call::new(
+                reqwest::Method::GET,
+                "/v1/config/service-intentions",
+                "list service-intentions",
+            );
+            let entries: Option<Vec<serde_json::Value>> = self.consul.get_json(call).await?;
+            crate::oracle::intention_rows(&entries.unwrap_or_default())
+        } else {
+            let call = Call::new(
                 reqwest::Method::GET,
                 "/v1/connect/intentions",
                 "list intentions",
-            ))
-            .await?;
+            );
+            self.consul.get_json(call).await?
+        };
         Ok(list
             .iter()
             .map(|i| IntentionRow {
@@ -326,13 +335,19 @@ impl E2eEnv {
         }
     }
 
-    /// Writes an intention the way an operator would (not owned by consul-smi).
+    /// Writes an intention the way an operator would (not owned by consul-smi): on 1.9+ as a
+    /// source in the destination's `service-intentions` entry (`consul config write`; the
+    /// legacy endpoint refuses a destination whose entry was edited as a config entry), before
+    /// 1.9 through the intentions API.
     pub async fn create_foreign_intention(
         &self,
         source: &str,
         destination: &str,
         action: &str,
     ) -> Result<()> {
+        if self.consul.flavor().await? == ApiFlavor::Modern {
+            return self.add_foreign_source(source, destination, action).await;
+        }
         let body = serde_json::json!({"SourceName": source, "DestinationName": destination, "Action": action, "Description": "operator"});
         let call = Call::new(
             reqwest::Method::POST,
@@ -342,6 +357,65 @@ impl E2eEnv {
         .json(&body)?;
         self.consul.send(call).await?;
         Ok(())
+    }
+
+    /// Read-modify-write of a `service-intentions` entry with `?cas=`, retried on a lost race
+    /// (consul-smi may write the same entry at the same time).
+    async fn add_foreign_source(
+        &self,
+        source: &str,
+        destination: &str,
+        action: &str,
+    ) -> Result<()> {
+        const READ_ONLY: &[&str] = &["CreateIndex", "ModifyIndex", "Hash"];
+        const SOURCE_READ_ONLY: &[&str] = &[
+            "Precedence",
+            "LegacyID",
+            "LegacyCreateTime",
+            "LegacyUpdateTime",
+        ];
+        for _ in 0..10 {
+            let (mut entry, index) = match self
+                .config_entry("service-intentions", destination)
+                .await?
+            {
+                Some(entry) => {
+                    let index = entry["ModifyIndex"]
+                        .as_u64()
+                        .context("entry without ModifyIndex")?;
+                    (entry, index)
+                }
+                None => (
+                    serde_json::json!({"Kind": "service-intentions", "Name": destination, "Sources": []}),
+                    0,
+                ),
+            };
+            let object = entry.as_object_mut().context("entry is not an object")?;
+            for key in READ_ONLY {
+                object.remove(*key);
+            }
+            let sources = object
+                .get_mut("Sources")
+                .and_then(|s| s.as_array_mut())
+                .context("entry without Sources")?;
+            for existing in sources.iter_mut().filter_map(|s| s.as_object_mut()) {
+                for key in SOURCE_READ_ONLY {
+                    existing.remove(*key);
+                }
+            }
+            sources.retain(|s| s["Name"] != source);
+            sources.push(
+                serde_json::json!({"Name": source, "Action": action, "Description": "operator"}),
+            );
+            let call = Call::new(reqwest::Method::PUT, "/v1/config", "write foreign source")
+                .query("cas", index.to_string())
+                .json(&entry)?;
+            let reply = self.consul.send(call).await?;
+            if String::from_utf8_lossy(&reply.body).trim() == "true" {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("writing {source} -> {destination} lost the CAS race ten times")
     }
 
     /// Kills and restarts a component: processes locally; pods in kind (the API server of a

@@ -174,7 +174,18 @@ pub async fn foreign_intentions(
         .collect())
 }
 
+/// Consul's intentions as rows of the legacy list's shape, from the entries themselves on 1.9+
+/// (see [`intention_rows`]).
 async fn intentions(http: &reqwest::Client, consul_url: &str) -> Result<Vec<serde_json::Value>> {
+    let entries = http
+        .get(format!("{consul_url}/v1/config/service-intentions"))
+        .send()
+        .await?;
+    // 1.8.7 has no such config-entry kind and answers with an error.
+    if entries.status().is_success() {
+        let entries: Option<Vec<serde_json::Value>> = entries.json().await?;
+        return Ok(intention_rows(&entries.unwrap_or_default()));
+    }
     Ok(http
         .get(format!("{consul_url}/v1/connect/intentions"))
         .send()
@@ -184,13 +195,42 @@ async fn intentions(http: &reqwest::Client, consul_url: &str) -> Result<Vec<serd
         .await?)
 }
 
-/// Ownership as consul-writer marks it on Consul < 1.9 (the only Consul the local harness
-/// runs): its keys in the intention's `Meta`. On 1.9+ `/v1/connect/intentions` reports the
-/// config entry's `Meta` and ownership is per source, so this test would not hold there.
+/// One legacy-shaped row per source of 1.9+ `service-intentions` entries. Consul's own legacy
+/// list view copies each entry's `Meta` onto its sources (`ToIntention` in
+/// agent/structs/config_entry_intentions.go), so an operator's source in an entry consul-smi
+/// created would look owned there; here `Meta` is only the source's `LegacyMeta`. A source
+/// has no ID of its own: `ID` is `source -> destination`, and the row holds the source exactly
+/// as Consul returns it (without the entry's indexes, which change on every write to it).
+pub fn intention_rows(entries: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    for entry in entries {
+        let destination = text(entry, "Name");
+        for source in entry["Sources"].as_array().into_iter().flatten() {
+            let name = text(source, "Name");
+            rows.push(serde_json::json!({
+                "ID": format!("{name} -> {destination}"),
+                "SourceName": name,
+                "DestinationName": destination,
+                "Action": source["Action"].as_str().unwrap_or("L7 permissions"),
+                "Description": source["Description"],
+                "Meta": source["LegacyMeta"],
+                "Source": source,
+            }));
+        }
+    }
+    rows
+}
+
+/// Owned by some consul-smi writer: consul-smi's keys in `Meta` (a 1.8 intention, or a 1.9+
+/// source migrated from one), or a `[consul-smi:<id>] ` description mark (a 1.9+ source).
+/// Rows come from [`intentions`], never from the legacy list view of a 1.9+ Consul.
 pub fn is_owned(intention: &serde_json::Value) -> bool {
-    intention["Meta"]
+    let meta = intention["Meta"]
         .as_object()
-        .is_some_and(|meta| meta.keys().any(|k| k.contains("consul-smi")))
+        .is_some_and(|meta| meta.keys().any(|k| k.contains("consul-smi")));
+    meta || intention["Description"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("[consul-smi:"))
 }
 
 fn text(value: &serde_json::Value, field: &str) -> String {
@@ -207,6 +247,24 @@ mod tests {
 
     fn set(pairs: &[u8]) -> BTreeSet<Pair> {
         pairs.iter().map(|n| pair(*n)).collect()
+    }
+
+    #[test]
+    fn an_operator_source_in_an_entry_consul_smi_created_is_not_owned() {
+        let entry = serde_json::json!({
+            "Kind": "service-intentions", "Name": "api",
+            "Meta": {"managed-by": "consul-smi", "consul-smi/owner": "consul-smi"},
+            "Sources": [
+                {"Name": "web", "Action": "allow", "Description": "[consul-smi:consul-smi] tt"},
+                {"Name": "ops", "Action": "deny", "Description": "operator"},
+                {"Name": "old", "Action": "allow",
+                 "LegacyMeta": {"managed-by": "consul-smi", "consul-smi/owner": "consul-smi"}}
+            ]
+        });
+        let rows = intention_rows(&[entry]);
+        let owned: Vec<bool> = rows.iter().map(is_owned).collect();
+        assert_eq!(owned, [true, false, true]);
+        assert_eq!(rows[1]["ID"], "ops -> api");
     }
 
     #[test]

@@ -4,7 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use consul_smi_api::{ObjectRef, SmiKind, SmiObject};
-use consul_smi_core::{Command, DesiredState, IntentionRule, ServiceName};
+use consul_smi_consul::Ownership;
+use consul_smi_consul::entries::ServiceIntentionsEntry;
+use consul_smi_core::{
+    Action, Command, DesiredState, Intention, IntentionKey, IntentionRule, ServiceName,
+};
 use consul_smi_grpc::v1;
 use consul_smi_translate::{ConsulApi, Severity, diff, translate};
 use consul_smi_translator::{ConsulApiArg, TranslateArgs};
@@ -238,51 +242,99 @@ type LiveIntentions = (
 /// the others (key and who holds it). L7 intentions read back as permissions-less L7 rules,
 /// so the plan shows them as updates.
 async fn live_intentions(writer_id: &str) -> Result<LiveIntentions> {
-    use consul_smi_consul::{ConsulClient, ConsulConfig, Owner, Ownership};
-    use consul_smi_core::{Action, Intention, IntentionKey};
+    use consul_smi_consul::{ApiFlavor, ConsulClient, ConsulConfig, Owner};
     consul_smi_consul::install_crypto_provider();
     let client = ConsulClient::new(&ConsulConfig::from_env()?)?;
     let owner = Owner::new(writer_id)?;
-    let listed = client
-        .list_legacy_intentions(None)
+    let flavor = client
+        .flavor()
         .await
-        .context("listing Consul's intentions")?
-        .value;
-    let service = |namespace: &str, name: &str| ServiceName {
-        namespace: Some(namespace.to_string()).filter(|ns| !ns.is_empty() && ns != "default"),
-        name: name.to_string(),
-    };
-    let mut owned = std::collections::BTreeMap::new();
-    let mut foreign = Vec::new();
-    for intention in listed {
-        let key = IntentionKey {
-            source: service(&intention.source_ns, &intention.source_name),
-            destination: service(&intention.destination_ns, &intention.destination_name),
-        };
-        let ownership = match owner.judge_meta(intention.meta.as_ref()) {
-            Ownership::Foreign => owner.judge_description(&intention.description),
-            judged => judged,
-        };
-        match ownership {
-            Ownership::Ours => {
-                let rule = match intention.action.as_str() {
-                    "allow" => IntentionRule::L4(Action::Allow),
-                    "deny" => IntentionRule::L4(Action::Deny),
-                    _ => IntentionRule::L7(Vec::new()),
+        .context("asking Consul which intentions API it speaks")?;
+    let mut live = LiveSorter::default();
+    match flavor {
+        ApiFlavor::Legacy => {
+            let listed = client
+                .list_legacy_intentions(None)
+                .await
+                .context("listing Consul's intentions")?
+                .value;
+            for intention in listed {
+                let key = IntentionKey {
+                    source: live_service(&intention.source_ns, &intention.source_name),
+                    destination: live_service(
+                        &intention.destination_ns,
+                        &intention.destination_name,
+                    ),
                 };
-                owned.insert(
-                    key.clone(),
-                    Intention {
-                        key,
-                        rule,
-                        description: intention.description,
-                    },
-                );
+                let ownership = match owner.judge_meta(intention.meta.as_ref()) {
+                    Ownership::Foreign => owner.judge_description(&intention.description),
+                    judged => judged,
+                };
+                live.add(key, ownership, &intention.action, intention.description);
             }
-            other => foreign.push((key, format!("{} ({})", other.describe(), intention.action))),
+        }
+        // 1.9+: read the entries themselves; the legacy list view copies each entry's Meta onto
+        // its sources and would label an operator's source in our entry as ours.
+        ApiFlavor::Modern => {
+            let entries = client
+                .list_config_entries::<ServiceIntentionsEntry>(false, None)
+                .await
+                .context("listing Consul's service-intentions entries")?
+                .value;
+            for entry in entries {
+                let destination = entry.namespace.as_deref().unwrap_or_default();
+                for source in entry.sources {
+                    let key = IntentionKey {
+                        source: live_service(
+                            source.namespace.as_deref().unwrap_or(destination),
+                            &source.name,
+                        ),
+                        destination: live_service(destination, &entry.name),
+                    };
+                    let ownership =
+                        owner.judge_source(&source.description, source.legacy_meta.as_ref());
+                    let action = source.action.as_deref().unwrap_or("L7 permissions");
+                    let description = owner.untag_description(&source.description).to_string();
+                    live.add(key, ownership, action, description);
+                }
+            }
         }
     }
-    Ok((owned, foreign))
+    Ok((live.owned, live.foreign))
+}
+
+fn live_service(namespace: &str, name: &str) -> ServiceName {
+    ServiceName {
+        namespace: Some(namespace.to_string()).filter(|ns| !ns.is_empty() && ns != "default"),
+        name: name.to_string(),
+    }
+}
+
+#[derive(Default)]
+struct LiveSorter {
+    owned: std::collections::BTreeMap<IntentionKey, Intention>,
+    foreign: Vec<(IntentionKey, String)>,
+}
+
+impl LiveSorter {
+    fn add(&mut self, key: IntentionKey, ownership: Ownership, action: &str, description: String) {
+        if ownership != Ownership::Ours {
+            let holder = format!("{} ({action})", ownership.describe());
+            self.foreign.push((key, holder));
+            return;
+        }
+        let rule = match action {
+            "allow" => IntentionRule::L4(Action::Allow),
+            "deny" => IntentionRule::L4(Action::Deny),
+            _ => IntentionRule::L7(Vec::new()),
+        };
+        let intention = Intention {
+            key: key.clone(),
+            rule,
+            description,
+        };
+        self.owned.insert(key, intention);
+    }
 }
 
 fn rule_text(rule: &IntentionRule) -> String {

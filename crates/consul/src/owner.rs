@@ -102,6 +102,29 @@ impl Owner {
         }
     }
 
+    /// A source inside a `service-intentions` entry: our description tag, or (for a source
+    /// Consul migrated from a 1.8 intention) our marks in its `LegacyMeta`. The entry's own
+    /// `Meta` says nothing about a source (Consul's legacy list view copies it onto every
+    /// source that has no `LegacyMeta`, so reading ownership from there mislabels operators').
+    pub fn judge_source(
+        &self,
+        description: &str,
+        legacy_meta: Option<&BTreeMap<String, String>>,
+    ) -> Ownership {
+        match self.judge_description(description) {
+            Ownership::Foreign => self.judge_meta(legacy_meta),
+            judged => judged,
+        }
+    }
+
+    /// `description` without this writer's tag (as the translator produced it).
+    pub fn untag_description<'d>(&self, description: &'d str) -> &'d str {
+        description
+            .strip_prefix(&self.tag())
+            .map(|rest| rest.strip_prefix(' ').unwrap_or(rest))
+            .unwrap_or(description)
+    }
+
     pub fn judge_description(&self, description: &str) -> Ownership {
         let prefix = format!("[{MANAGED_BY_VALUE}:");
         let Some(rest) = description.strip_prefix(&prefix) else {
@@ -138,6 +161,18 @@ pub fn truncate_bytes(text: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_is_judged_by_its_tag_or_its_legacy_meta_never_by_the_entry() {
+        let me = Owner::new("w1").unwrap();
+        let tagged = me.tag_description("rg/api");
+        assert_eq!(me.judge_source(&tagged, None), Ownership::Ours);
+        assert_eq!(me.untag_description(&tagged), "rg/api");
+        assert_eq!(me.untag_description("operator note"), "operator note");
+        assert_eq!(me.judge_source("operator", None), Ownership::Foreign);
+        // Migrated from a 1.8 intention this writer made.
+        assert_eq!(me.judge_source("", Some(&me.meta())), Ownership::Ours);
+    }
 
     #[test]
     fn meta_ownership() {

@@ -943,10 +943,8 @@ impl Reconciler {
     // ---- modern service-intentions entries -----------------------------------------
 
     fn judge_source(&self, source: &SourceIntention) -> Ownership {
-        match self.owner.judge_description(&source.description) {
-            Ownership::Foreign => self.owner.judge_meta(source.legacy_meta.as_ref()),
-            judged => judged,
-        }
+        self.owner
+            .judge_source(&source.description, source.legacy_meta.as_ref())
     }
 
     fn desired_source(&self, intention: &Intention) -> SourceIntention {
