@@ -44,6 +44,16 @@ impl ConsulRelease {
         }
     }
 
+    /// The release for a test binary: `*_modern` targets (the e2e suite and the fault matrix
+    /// compiled a second time, see tests/tests/e2e_modern.rs) run on 1.14.11, the others on
+    /// what [`from_env`](Self::from_env) says.
+    pub fn for_test_target(crate_name: &str) -> Result<ConsulRelease> {
+        if crate_name.ends_with("_modern") {
+            return Ok(ConsulRelease::Modern);
+        }
+        Self::from_env()
+    }
+
     /// The script that installs or builds this release and prints its path.
     fn script(self) -> &'static str {
         match self {

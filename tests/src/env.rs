@@ -69,6 +69,19 @@ pub struct LocalOptions {
     /// The translator reaches the watcher and the writer through [`FaultProxy`]s
     /// (`E2eEnv::link_proxy`).
     pub link_proxies: bool,
+    /// Which Consul the local harness starts (`None`: `CONSUL_SMI_CONSUL`, else 1.8.7).
+    pub consul: Option<ConsulRelease>,
+}
+
+impl LocalOptions {
+    /// Defaults, on the Consul a test binary's crate name selects
+    /// ([`ConsulRelease::for_test_target`]); pass `env!("CARGO_CRATE_NAME")`.
+    pub fn for_test_target(crate_name: &str) -> Result<LocalOptions> {
+        Ok(LocalOptions {
+            consul: Some(ConsulRelease::for_test_target(crate_name)?),
+            ..LocalOptions::default()
+        })
+    }
 }
 
 impl E2eEnv {
@@ -109,7 +122,10 @@ impl E2eEnv {
         let apiserver = KubeApiServer::start()
             .await
             .context("starting the local API server")?;
-        let release = ConsulRelease::from_env()?;
+        let release = match options.consul {
+            Some(release) => release,
+            None => ConsulRelease::from_env()?,
+        };
         let consul = ConsulAgent::start(ConsulAgentOptions::default().on(release))
             .with_context(|| format!("starting Consul ({release:?})"))?;
         let cert = apiserver.issue_serving_cert("watcher-webhook")?;

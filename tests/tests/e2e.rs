@@ -12,6 +12,16 @@ use consul_smi_e2e::env::{Component, E2eEnv, IntentionRow, LocalOptions, eventua
 use consul_smi_e2e::services::Service;
 use consul_smi_grpc::v1;
 
+/// This file is also the body of `e2e_modern.rs`; the test binary's crate name picks the
+/// Consul the local harness runs (1.8.7 here, 1.14.11 there).
+fn local_options() -> LocalOptions {
+    LocalOptions::for_test_target(env!("CARGO_CRATE_NAME")).expect("CONSUL_SMI_CONSUL is valid")
+}
+
+async fn start_env() -> Result<E2eEnv> {
+    E2eEnv::start_with(local_options()).await
+}
+
 const CONVERGE: Duration = Duration::from_secs(30);
 
 fn suffix() -> String {
@@ -117,7 +127,7 @@ async fn diagnostics_of(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn announcement_example_creates_then_deletes_the_intention() -> Result<()> {
-    let env = E2eEnv::start().await?;
+    let env = start_env().await?;
     let example = include_str!("../../deploy/examples/01-dashboard-counting.yaml");
     assert!(
         !env.allowed("dashboard", "counting").await?,
@@ -132,7 +142,7 @@ async fn announcement_example_creates_then_deletes_the_intention() -> Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1alpha3_target_with_tcproute_grants_each_source() -> Result<()> {
-    let env = E2eEnv::start().await?;
+    let env = start_env().await?;
     let s = suffix();
     let (api, web, batch) = (format!("api-{s}"), format!("web-{s}"), format!("batch-{s}"));
     env.apply(&tcp_target(&format!("tt-{s}"), &api, &[&web, &batch]))
@@ -150,7 +160,7 @@ async fn v1alpha3_target_with_tcproute_grants_each_source() -> Result<()> {
 /// 1.16 with `--consul-api modern`): an L7 intention with the route's permission.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_route_group_is_l7_on_modern_and_withheld_on_legacy_consul() -> Result<()> {
-    let env = E2eEnv::start().await?;
+    let env = start_env().await?;
     let legacy = env.consul_version().await?.starts_with("1.8");
     let s = suffix();
     let (api, prom, sentinel) = (
@@ -217,7 +227,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_created_after_the_target_takes_effect_without_restart() -> Result<()> {
-    let env = E2eEnv::start().await?;
+    let env = start_env().await?;
     let s = suffix();
     let (api, web, sentinel) = (
         format!("api-{s}"),
@@ -249,7 +259,7 @@ async fn route_created_after_the_target_takes_effect_without_restart() -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_one_of_two_targets_for_a_pair_keeps_access() -> Result<()> {
-    let env = E2eEnv::start().await?;
+    let env = start_env().await?;
     let s = suffix();
     let (api, web) = (format!("api-{s}"), format!("web-{s}"));
     let first = tcp_target(&format!("first-{s}"), &api, &[&web]);
@@ -277,7 +287,7 @@ async fn deleting_one_of_two_targets_for_a_pair_keeps_access() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_split_becomes_a_service_splitter() -> Result<()> {
-    let env = E2eEnv::start().await?;
+    let env = start_env().await?;
     let s = suffix();
     let api = format!("api-{s}");
     let split = format!(
@@ -323,7 +333,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_deny_intention_is_left_untouched() -> Result<()> {
-    let env = E2eEnv::start().await?;
+    let env = start_env().await?;
     let s = suffix();
     let (db, web, sentinel) = (
         format!("db-{s}"),
@@ -363,7 +373,7 @@ async fn foreign_deny_intention_is_left_untouched() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_service_killed_mid_stream_converges_to_the_desired_state() -> Result<()> {
-    let mut env = E2eEnv::start().await?;
+    let mut env = start_env().await?;
     anyhow::ensure!(
         env.is_local(),
         "this case kills processes: local harness only"
@@ -405,7 +415,7 @@ async fn each_service_killed_mid_stream_converges_to_the_desired_state() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_restart_is_repaired() -> Result<()> {
-    let mut env = E2eEnv::start().await?;
+    let mut env = start_env().await?;
     let s = suffix();
     let (api, web) = (format!("api-{s}"), format!("web-{s}"));
     env.apply(&tcp_target(&format!("tt-{s}"), &api, &[&web]))
@@ -419,7 +429,7 @@ async fn consul_restart_is_repaired() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_restart_loses_nothing() -> Result<()> {
-    let mut env = E2eEnv::start().await?;
+    let mut env = start_env().await?;
     let s = suffix();
     let (api, web, late) = (format!("api-{s}"), format!("web-{s}"), format!("late-{s}"));
     let first = tcp_target(&format!("tt-{s}"), &api, &[&web]);
@@ -445,7 +455,7 @@ async fn api_server_restart_loses_nothing() -> Result<()> {
 async fn diagnostics_become_kubernetes_events_where_served() -> Result<()> {
     let env = E2eEnv::start_with(LocalOptions {
         kube_events: true,
-        ..LocalOptions::default()
+        ..local_options()
     })
     .await?;
     let s = suffix();
@@ -496,7 +506,7 @@ fn http_get(path: &str) -> Result<http::Request<Vec<u8>>> {
 /// planned again, and a key held by an operator's intention is shown as a conflict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_live_shows_only_real_changes_and_conflicts() -> Result<()> {
-    let env = E2eEnv::start().await?;
+    let env = start_env().await?;
     let Some(agent) = env.consul_agent() else {
         return Ok(()); // kind: Consul's address is not reachable as CONSUL_HTTP_ADDR here
     };

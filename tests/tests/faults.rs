@@ -21,6 +21,16 @@ use consul_smi_e2e::kube::KubeApiServer;
 use consul_smi_e2e::oracle::{self, GrantSampler, Pair};
 use consul_smi_e2e::services::Service;
 
+/// This file is also the body of `faults_modern.rs`; the test binary's crate name picks the
+/// Consul the local harness runs (1.8.7 here, 1.14.11 there).
+fn local_options() -> LocalOptions {
+    LocalOptions::for_test_target(env!("CARGO_CRATE_NAME")).expect("CONSUL_SMI_CONSUL is valid")
+}
+
+async fn start_env() -> Result<E2eEnv> {
+    E2eEnv::start_with(local_options()).await
+}
+
 /// The SMI objects of one case: TrafficTarget `fault-{salt}-{i}` grants
 /// `web-{salt}-{i} → api-{salt}-{i}` through TCPRoute `fault-{salt}-{i}`.
 struct Burst {
@@ -185,7 +195,7 @@ const KILL_CHUNK: usize = 50;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_1000_changes_with_each_service_sigkilled_converges_and_never_over_grants()
 -> Result<()> {
-    let mut env = E2eEnv::start().await?;
+    let mut env = start_env().await?;
     let burst = Burst::new(0);
     let conflict = 1;
     burst.operator_intentions(&env, conflict).await?;
@@ -254,7 +264,7 @@ async fn consul_partitioned_then_slow_then_slower_than_the_timeout_converges_and
             "--admin-listen".into(),
             writer_admin.to_string(),
         ],
-        ..LocalOptions::default()
+        ..local_options()
     })
     .await?;
     let burst = Burst::new(1);
@@ -334,7 +344,7 @@ async fn transport_errors(admin: std::net::SocketAddr) -> Result<u64> {
 /// and the operator's `* → *` deny are gone; the harness restores the deny).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_crashed_and_back_empty_converges_and_never_over_grants() -> Result<()> {
-    let mut env = E2eEnv::start().await?;
+    let mut env = start_env().await?;
     let burst = Burst::new(2);
     burst.create(&env, 0..20).await?;
     converged(&env, &burst, &burst.pairs(0..20), Duration::from_secs(30)).await?;
@@ -359,7 +369,7 @@ async fn consul_crashed_and_back_empty_converges_and_never_over_grants() -> Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_restarted_with_deletions_while_down_converges_and_never_over_grants()
 -> Result<()> {
-    let mut env = E2eEnv::start().await?;
+    let mut env = start_env().await?;
     let burst = Burst::new(3);
     let conflict = 42;
     burst.operator_intentions(&env, conflict).await?;
@@ -407,7 +417,7 @@ async fn apiserver_restarted_with_deletions_while_down_converges_and_never_over_
 async fn grpc_links_cut_mid_message_converge_and_never_over_grant() -> Result<()> {
     let env = E2eEnv::start_with(LocalOptions {
         link_proxies: true,
-        ..LocalOptions::default()
+        ..local_options()
     })
     .await?;
     let burst = Burst::new(4);

@@ -1,0 +1,5 @@
+//! `e2e.rs` against real Consul 1.14.11 (the 1.9+ config-entry API, built by
+//! tests/harness/build-consul.sh): the same cases, compiled a second time under this name.
+
+#[path = "e2e.rs"]
+mod suite;
