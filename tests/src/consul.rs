@@ -104,17 +104,17 @@ pub struct ConsulTls {
     pub client_key: PathBuf,
 }
 
-struct Ports {
-    http: u16,
-    https: u16,
-    dns: u16,
-    serf_lan: u16,
-    serf_wan: u16,
-    server: u16,
+pub(crate) struct Ports {
+    pub(crate) http: u16,
+    pub(crate) https: u16,
+    pub(crate) dns: u16,
+    pub(crate) serf_lan: u16,
+    pub(crate) serf_wan: u16,
+    pub(crate) server: u16,
 }
 
 impl Ports {
-    fn pick() -> Result<Ports> {
+    pub(crate) fn pick() -> Result<Ports> {
         Ok(Ports {
             http: free_port()?,
             https: free_port()?,
@@ -266,29 +266,12 @@ impl ConsulAgent {
     /// Creates an ACL policy with `rules` (HCL) and a token holding only it; returns the
     /// token's SecretID.
     pub fn create_token(&self, name: &str, rules: &str) -> Result<String> {
-        let policy = serde_like_json_object(&[("Name", name), ("Rules", rules)]);
-        let reply = self.http("PUT", "/v1/acl/policy", Some(&policy))?;
-        if reply.status != 200 {
-            bail!(
-                "creating ACL policy {name}: HTTP {} {}",
-                reply.status,
-                reply.body
-            );
-        }
-        let token = format!(
-            r#"{{"Description":{},"Policies":[{{"Name":{}}}]}}"#,
-            json_string(name),
-            json_string(name)
-        );
-        let reply = self.http("PUT", "/v1/acl/token", Some(&token))?;
-        if reply.status != 200 {
-            bail!(
-                "creating ACL token for policy {name}: HTTP {} {}",
-                reply.status,
-                reply.body
-            );
-        }
-        json_field(&reply.body, "SecretID").ok_or_else(|| anyhow!("no SecretID in {}", reply.body))
+        create_token_on(
+            self.ports.http,
+            self.bootstrap_token.as_deref(),
+            name,
+            rules,
+        )
     }
 
     fn launch(&mut self) -> Result<()> {
@@ -444,6 +427,42 @@ pub fn consul_binary(release: ConsulRelease) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// An ACL policy with `rules` (HCL) and a token holding only it, created through the agent on
+/// `port` with `management` token; returns the token's SecretID.
+pub(crate) fn create_token_on(
+    port: u16,
+    management: Option<&str>,
+    name: &str,
+    rules: &str,
+) -> Result<String> {
+    let http = |method: &str, path: &str, body: &str| {
+        http_request(port, method, path, Some(body), management)
+    };
+    let policy = serde_like_json_object(&[("Name", name), ("Rules", rules)]);
+    let reply = http("PUT", "/v1/acl/policy", &policy)?;
+    if reply.status != 200 {
+        bail!(
+            "creating ACL policy {name}: HTTP {} {}",
+            reply.status,
+            reply.body
+        );
+    }
+    let token = format!(
+        r#"{{"Description":{},"Policies":[{{"Name":{}}}]}}"#,
+        json_string(name),
+        json_string(name)
+    );
+    let reply = http("PUT", "/v1/acl/token", &token)?;
+    if reply.status != 200 {
+        bail!(
+            "creating ACL token for policy {name}: HTTP {} {}",
+            reply.status,
+            reply.body
+        );
+    }
+    json_field(&reply.body, "SecretID").ok_or_else(|| anyhow!("no SecretID in {}", reply.body))
+}
+
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, all P-256.
 fn make_certificates(dir: &Path) -> Result<ConsulTls> {
     let openssl = |args: &[&str]| -> Result<()> {
@@ -530,7 +549,7 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn http_request(
+pub(crate) fn http_request(
     port: u16,
     method: &str,
     path: &str,
@@ -615,7 +634,7 @@ fn serde_like_json_object(fields: &[(&str, &str)]) -> String {
 }
 
 /// The string value of a top-level `"key": "value"` in a flat JSON reply.
-fn json_field(body: &str, key: &str) -> Option<String> {
+pub(crate) fn json_field(body: &str, key: &str) -> Option<String> {
     let needle = format!("\"{key}\"");
     let at = body.find(&needle)? + needle.len();
     let rest = body[at..]

@@ -3,6 +3,7 @@
 //! A harness that cannot start its component returns an error; tests unwrap it so they fail
 //! loudly instead of skipping.
 
+pub mod cluster;
 pub mod consul;
 pub mod env;
 pub mod kube;

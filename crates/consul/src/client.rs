@@ -22,23 +22,54 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Substrings of HTTP 500 bodies that mean "try again later" rather than "your request is
-/// invalid". Consul 1.8 reports validation errors as 500 too, so everything else is final.
-const TRANSIENT_500_MARKERS: &[&str] = &[
+/// How Consul wraps an error it forwarded from another agent (a client agent to a server, a
+/// follower to the leader): `rpc error making call: <error>` (agent/consul/rpc.go, 1.8.7 and
+/// 1.14.11), `rpc error: <error>` from the pool, possibly nested. The reason is what follows.
+const FORWARDING_PREFIXES: &[&str] = &["rpc error making call:", "rpc error:"];
+
+/// HTTP 500 reasons (after the forwarding prefixes) that mean "try again later" rather than
+/// "your request is invalid": Consul's own phrases, matched at the start of the reason so a
+/// service name in a validation message (`videofeed` holds `eof`) never looks transient.
+/// Consul 1.8 reports validation errors as 500 too, so everything else is final.
+const TRANSIENT_500_STARTS: &[&str] = &[
     "no cluster leader",
     "leadership lost",
     "not the leader",
-    "rpc error",
-    "connection refused",
-    "connection reset",
-    "i/o timeout",
-    "timed out",
+    "node is not the leader",
+    "not ready to serve consistent reads",
+    "raft ",
     "eof",
-    "raft",
+    "unexpected eof",
+    "timed out",
     "rate limit",
-    "try again",
     "too many requests",
+    "failed to get conn",
 ];
+
+/// Network failures between agents end a reason after a `: ` (`dial tcp 10.0.0.2:8300:
+/// connect: connection refused`); a Kubernetes name cannot follow `: `.
+const TRANSIENT_500_ENDS: &[&str] = &[
+    ": connection refused",
+    ": connection reset by peer",
+    ": i/o timeout",
+    ": eof",
+    ": broken pipe",
+    ": no route to host",
+];
+
+/// `message` without Consul's forwarding prefixes.
+fn forwarded_reason(message: &str) -> &str {
+    let mut reason = message.trim();
+    while let Some(rest) = FORWARDING_PREFIXES.iter().find_map(|prefix| {
+        reason
+            .get(..prefix.len())
+            .filter(|head| head.eq_ignore_ascii_case(prefix))
+            .map(|_| &reason[prefix.len()..])
+    }) {
+        reason = rest.trim_start();
+    }
+    reason
+}
 
 const MAX_RETRY_DELAY: Duration = Duration::from_millis(2000);
 
@@ -548,14 +579,16 @@ enum Attempt {
 }
 
 fn is_transient_500(body: &str) -> bool {
-    let lower = body.to_ascii_lowercase();
+    let lower = forwarded_reason(body).to_ascii_lowercase();
     // A multierror list is always validation, even if an item mentions a transient word.
     if is_multierror(&lower) {
         return false;
     }
-    TRANSIENT_500_MARKERS
+    let first = lower.lines().next().unwrap_or_default().trim_end();
+    TRANSIENT_500_STARTS
         .iter()
-        .any(|marker| lower.contains(marker))
+        .any(|start| first.starts_with(start))
+        || TRANSIENT_500_ENDS.iter().any(|end| first.ends_with(end))
 }
 
 fn is_multierror(text: &str) -> bool {
@@ -566,7 +599,9 @@ fn is_multierror(text: &str) -> bool {
 }
 
 /// Turns `1 error occurred:\n\t* msg\n\n` into `msg` (and several items into `a; b`).
+/// The forwarding prefixes are dropped too: they say which hop relayed the refusal, not why.
 pub fn clean_validation(body: &str) -> String {
+    let body = forwarded_reason(body);
     let items: Vec<&str> = body
         .lines()
         .filter_map(|line| line.trim().strip_prefix("* "))
@@ -653,6 +688,29 @@ mod tests {
         assert!(is_transient_500("rpc error making call: EOF"));
         assert!(is_transient_500(
             "rpc error: leadership lost while committing log"
+        ));
+        assert!(is_transient_500(
+            "rpc error making call: rpc error making call: No cluster leader"
+        ));
+        assert!(is_transient_500(
+            "rpc error making call: dial tcp 10.0.0.2:8300: connect: connection refused"
+        ));
+    }
+
+    #[test]
+    fn forwarded_refusals_are_final_and_names_never_look_transient() {
+        // A client agent's forward of a 1.14 validation error (seen against a real cluster).
+        let forwarded = "rpc error making call: Sources[0].Action must be set to 'allow' or 'deny'";
+        assert!(!is_transient_500(forwarded));
+        assert_eq!(
+            clean_validation(forwarded),
+            "Sources[0].Action must be set to 'allow' or 'deny'"
+        );
+        assert!(!is_transient_500(
+            "rpc error making call: duplicate intention found: ALLOW default/videofeed => default/api"
+        ));
+        assert!(!is_transient_500(
+            "duplicate intention found: ALLOW default/eof => default/raft"
         ));
     }
 
