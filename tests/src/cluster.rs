@@ -147,7 +147,10 @@ impl ConsulCluster {
             if Instant::now() > deadline {
                 bail!("cluster not ready after {START_TIMEOUT:?}; last: {last}");
             }
-            if self.acl && self.management_token.is_none() {
+            if self.acl && self.management_token.is_some() && !self.acl_ready(port) {
+                // 1.8 servers start in legacy ACL mode and switch after bootstrap.
+                last = "the ACL system is still in legacy mode".into();
+            } else if self.acl && self.management_token.is_none() {
                 match http_request(port, "PUT", "/v1/acl/bootstrap", None, None) {
                     Ok(reply) if reply.status == 200 => {
                         self.management_token =
@@ -174,6 +177,17 @@ impl ConsulCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    fn acl_ready(&self, port: u16) -> bool {
+        let reply = http_request(
+            port,
+            "GET",
+            "/v1/acl/policies",
+            None,
+            self.management_token.as_deref(),
+        );
+        matches!(reply, Ok(reply) if reply.status == 200)
     }
 
     fn client(&self) -> &Node {

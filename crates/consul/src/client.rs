@@ -25,7 +25,11 @@ pub fn install_crypto_provider() {
 /// How Consul wraps an error it forwarded from another agent (a client agent to a server, a
 /// follower to the leader): `rpc error making call: <error>` (agent/consul/rpc.go, 1.8.7 and
 /// 1.14.11), `rpc error: <error>` from the pool, possibly nested. The reason is what follows.
-const FORWARDING_PREFIXES: &[&str] = &["rpc error making call:", "rpc error:"];
+const FORWARDING_PREFIXES: &[&str] = &[
+    "rpc error making call:",
+    "rpc error getting client:",
+    "rpc error:",
+];
 
 /// HTTP 500 reasons (after the forwarding prefixes) that mean "try again later" rather than
 /// "your request is invalid": Consul's own phrases, matched at the start of the reason so a
@@ -694,6 +698,10 @@ mod tests {
         ));
         assert!(is_transient_500(
             "rpc error making call: dial tcp 10.0.0.2:8300: connect: connection refused"
+        ));
+        // A client agent whose server was just killed (seen against a real 1.14 cluster).
+        assert!(is_transient_500(
+            "rpc error making call: rpc error getting client: failed to get conn: dial tcp 127.0.0.1:0->127.0.0.1:38853: connect: connection refused"
         ));
     }
 
