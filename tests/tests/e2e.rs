@@ -205,6 +205,14 @@ spec:
             source["Permissions"][0]["HTTP"]["PathRegex"], "^/metrics",
             "{source}"
         );
+        // The grant itself denies every other request, so it holds under a default-allow
+        // Consul too (Consul drops permissions that repeat the default action).
+        let last = source["Permissions"]
+            .as_array()
+            .and_then(|p| p.last())
+            .with_context(|| format!("permissions of {source}"))?;
+        assert_eq!(last["Action"], "deny", "{source}");
+        assert_eq!(last["HTTP"]["PathPrefix"], "/", "{source}");
         return Ok(());
     }
     let rows = env.intentions().await?;

@@ -108,6 +108,22 @@ pub struct Permission {
     pub http: HttpPermission,
 }
 
+impl Permission {
+    /// Denies every HTTP request (every path starts with `/`). Ends each L7 permission list
+    /// consul-smi writes, so the grant holds whatever Consul's default action is (see the
+    /// translate crate's rules).
+    pub fn deny_every_request() -> Permission {
+        Permission {
+            action: Action::Deny,
+            http: HttpPermission {
+                path: Some(PathMatch::Prefix("/".into())),
+                methods: Vec::new(),
+                headers: Vec::new(),
+            },
+        }
+    }
+}
+
 /// What an intention does: an L4 action, or L7 permissions (mutually exclusive in Consul).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum IntentionRule {

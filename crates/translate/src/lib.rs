@@ -18,6 +18,15 @@
 //! * Rules: a TCPRoute grants all traffic (L4 `allow`); an HTTPRouteGroup grants L7
 //!   permissions, one per match (see [`TranslateOptions::target`]). If any rule for a pair is a
 //!   TCPRoute, the pair is a plain L4 allow, since "all traffic" includes every HTTP request.
+//! * An L7 grant permits exactly its routes under either default intention action: its
+//!   permission list ends with a deny of every request (`PathPrefix: "/"`). Consul evaluates
+//!   permissions in order, first match wins, and when compiling them into Envoy RBAC drops
+//!   every permission whose action equals the default action, and the whole intention when none
+//!   is left, which also exempts the source from a lower-precedence `* -> dst` deny
+//!   (`removePermissionPrecedence` / `removeIntentionPrecedence` in agent/xds/rbac.go, 1.14.11).
+//!   With ACLs off or `default_policy = "allow"` an allow-only list therefore became full
+//!   access. With the closing deny, default-allow keeps "deny `/` and not the routes"; under
+//!   default-deny that deny is the one dropped and the routes stay the only allow.
 //! * Anything that cannot be enforced never widens silently: UDPRoute rules (Consul Connect has
 //!   no UDP), L7 grants on Consul < 1.9 (unless [`TranslateOptions::widen_l7_on_legacy`]), rules
 //!   naming missing routes or matches, and TrafficSplit `matches` grant or produce nothing and

@@ -176,7 +176,10 @@ pub(crate) fn resolve_destination<'a>(
             match options.target {
                 ConsulApi::Modern => {
                     output.needs_http = true;
-                    IntentionRule::L7(pair.permissions.into_iter().cloned().collect())
+                    let mut permissions: Vec<Permission> =
+                        pair.permissions.into_iter().cloned().collect();
+                    permissions.push(Permission::deny_every_request());
+                    IntentionRule::L7(permissions)
                 }
                 ConsulApi::Legacy if options.widen_l7_on_legacy => {
                     widened.extend(pair.http_rules.iter().copied());

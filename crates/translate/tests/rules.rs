@@ -231,6 +231,8 @@ fn http_route_group_matches_become_l7_permissions() {
                 headers: vec![],
             },
         },
+        // Everything else is denied by the grant itself, not left to Consul's default action.
+        Permission::deny_every_request(),
     ];
     assert_eq!(permissions, &expected);
     // L7 intentions need the destination's protocol to be http.
@@ -277,7 +279,8 @@ fn permissions_of_several_rules_and_targets_merge_deduplicated() {
         permissions,
         &vec![
             allow_all(PathMatch::Regex("^/a".into())),
-            allow_all(PathMatch::Regex("^/b".into()))
+            allow_all(PathMatch::Regex("^/b".into())),
+            Permission::deny_every_request(),
         ]
     );
 }
@@ -338,7 +341,10 @@ fn missing_match_is_diagnosed_and_grants_nothing_for_that_name() {
     let t = translate(&objects, &modern());
     assert_eq!(
         t.state.intentions[&key("web", "api")].rule,
-        IntentionRule::L7(vec![allow_all(PathMatch::Regex("^/a".into()))])
+        IntentionRule::L7(vec![
+            allow_all(PathMatch::Regex("^/a".into())),
+            Permission::deny_every_request()
+        ])
     );
     assert!(!t.state.intentions.contains_key(&key("web", "db")));
     assert_eq!(
@@ -732,8 +738,9 @@ fn invalid_http_methods_narrow_and_never_widen_a_match() {
     let IntentionRule::L7(permissions) = &t.state.intentions[&key("web", "api")].rule else {
         panic!("expected L7")
     };
-    assert_eq!(permissions.len(), 1);
+    assert_eq!(permissions.len(), 2);
     assert_eq!(permissions[0].http.methods, vec!["GET".to_string()]);
+    assert_eq!(permissions[1], Permission::deny_every_request());
     assert_eq!(
         codes_of(&t),
         vec![
