@@ -650,10 +650,12 @@ impl Reconciler {
         let namespace = ns_norm(service.namespace.as_deref());
         let mut current = listed;
         let mut fresh = current.is_none();
+        let mut pause = false;
         for round in 0..MAX_CAS_ROUNDS {
-            if round > 0 {
+            if pause {
                 cas_pause(round).await;
             }
+            pause = true;
             let existing = match current.take() {
                 Some(existing) => existing,
                 None => {
@@ -720,6 +722,7 @@ impl Reconciler {
                         }
                         None if !fresh => {
                             // Judged from a list: read it again right before deleting.
+                            pause = false;
                             continue;
                         }
                         None => self
@@ -1004,7 +1007,12 @@ impl Reconciler {
                     other => other,
                 },
                 Reread::Pair => self.legacy_lookup(op.key(), false).await,
-                Reread::AnyCase => self.legacy_lookup(op.key(), true).await,
+                // Usually the same spelling (someone created the pair meanwhile): the cheap
+                // filtered lookup first, the full list only for another spelling.
+                Reread::AnyCase => match self.legacy_lookup(op.key(), false).await {
+                    Ok(None) => self.legacy_lookup(op.key(), true).await,
+                    other => other,
+                },
             };
             existing = match read {
                 Ok(found) => found,
@@ -1103,10 +1111,12 @@ impl Reconciler {
                     .collect()
             };
             let mut fresh = current.is_none();
+            let mut pause = false;
             for round in 0..MAX_CAS_ROUNDS {
-                if round > 0 {
+                if pause {
                     cas_pause(round).await;
                 }
+                pause = true;
                 let entry = match current.take() {
                     Some(entry) => entry,
                     None => match self
@@ -1128,7 +1138,10 @@ impl Reconciler {
                 let result = match write {
                     None => return reports,
                     // Planned from a list: read the entry again right before deleting it.
-                    Some(EntryWrite::Delete(_)) if !fresh => continue,
+                    Some(EntryWrite::Delete(_)) if !fresh => {
+                        pause = false;
+                        continue;
+                    }
                     Some(EntryWrite::Put(entry, cas)) => {
                         self.client.cas_config_entry(&entry, cas).await
                     }
@@ -1143,7 +1156,10 @@ impl Reconciler {
                     }
                 };
                 match result {
-                    Ok(true) => return reports,
+                    Ok(true) => {
+                        self.note_modern_progress(&ops, &reports);
+                        return reports;
+                    }
                     Ok(false) => {
                         tracing::debug!(%destination, round, "service-intentions changed under us; re-reading")
                     }
@@ -1185,6 +1201,25 @@ impl Reconciler {
         })
     }
 
+    /// After a successful write of an entry: what each upsert wrote, for no-progress detection.
+    fn note_modern_progress(
+        &self,
+        ops: &[(usize, IntentionOp)],
+        reports: &[(usize, CommandReport)],
+    ) {
+        for ((_, op), (_, report)) in ops.iter().zip(reports) {
+            match (op, report.change) {
+                (IntentionOp::Upsert(intention), Change::Created | Change::Updated) => {
+                    let desired = self.desired_source(intention);
+                    self.progress
+                        .written(&report.target, fingerprint(&source_view(&desired)));
+                }
+                (_, Change::Deleted) => self.progress.settled(&report.target),
+                _ => {}
+            }
+        }
+    }
+
     /// Decides the new entry (if any write is needed) and each op's report, assuming the write succeeds.
     fn plan_modern(
         &self,
@@ -1220,12 +1255,27 @@ impl Reconciler {
                     let desired = self.desired_source(intention);
                     match self.judge_source(&work.sources[p]) {
                         Ownership::Ours if same_source(&work.sources[p], &desired) => {
+                            self.progress.settled(&target);
                             CommandReport::unchanged(&target, "")
                         }
                         Ownership::Ours => {
-                            work.sources[p] = desired;
-                            changed = true;
-                            CommandReport::applied(&target, Change::Updated)
+                            let verdict = self.progress.before_rewrite(
+                                &target,
+                                fingerprint(&source_view(&desired)),
+                                fingerprint(&source_view(&work.sources[p])),
+                                cas,
+                            );
+                            if verdict == Verdict::Stalled {
+                                let fields = differing_fields(
+                                    &source_view(&work.sources[p]),
+                                    &source_view(&desired),
+                                );
+                                no_progress(&target, &fields)
+                            } else {
+                                work.sources[p] = desired;
+                                changed = true;
+                                CommandReport::applied(&target, Change::Updated)
+                            }
                         }
                         other => CommandReport::conflict(
                             &target,
@@ -1300,6 +1350,15 @@ fn same_source(existing: &SourceIntention, desired: &SourceIntention) -> bool {
     existing.action == desired.action
         && existing.permissions == desired.permissions
         && existing.description == desired.description
+}
+
+/// The fields of a source that a write sets, named as on the wire.
+fn source_view(source: &SourceIntention) -> serde_json::Value {
+    serde_json::json!({
+        "Action": source.action,
+        "Permissions": source.permissions,
+        "Description": source.description,
+    })
 }
 
 /// Compares what would be written (ModifyIndex is never serialised); `default`/empty

@@ -218,3 +218,38 @@ async fn case_variants_of_a_config_entry_name_are_one_entry() {
         "ops"
     );
 }
+
+#[tokio::test]
+async fn an_owned_source_consul_keeps_holding_differently_is_rewritten_a_bounded_number_of_times() {
+    let double = ModernConsul::start().await;
+    double.mangle_writes(|entry| {
+        if entry["Kind"] == "service-intentions" {
+            for source in entry["Sources"].as_array_mut().unwrap() {
+                let description =
+                    format!("{} (normalised)", source["Description"].as_str().unwrap());
+                source["Description"] = json!(description);
+            }
+        }
+    });
+    let r = reconciler(&double, &Arc::new(Hook::default()));
+    let mut state = DesiredState::default();
+    let wanted = allow("web", "api");
+    state.intentions.insert(wanted.key.clone(), wanted);
+    let mut last = r.sync(&state, SyncMode::Exact).await.unwrap();
+    assert_eq!(last.created, 1, "{last:?}");
+    for _ in 0..6 {
+        last = r.sync(&state, SyncMode::Exact).await.unwrap();
+    }
+    assert!(
+        double.writes() <= 3,
+        "{} writes for one unchanged source",
+        double.writes()
+    );
+    assert_eq!(last.rejected, 1, "{last:?}");
+    assert!(
+        last.results[0].message.contains("Description"),
+        "{:?}",
+        last.results
+    );
+    assert_eq!(r.stalled_objects(), 1);
+}
