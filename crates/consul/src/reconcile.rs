@@ -977,7 +977,10 @@ impl Reconciler {
                             }
                             Err(e) if is_vanished(&e) => Reread::Pair,
                             Err(e) => {
-                                return (CommandReport::error(&target, &e), Known::Listed(None));
+                                return (
+                                    CommandReport::error(&target, &e),
+                                    Known::Listed(Some(current.clone())),
+                                );
                             }
                         }
                     } else {
@@ -993,7 +996,10 @@ impl Reconciler {
                             }
                             Err(e) if is_vanished(&e) => Reread::Pair,
                             Err(e) => {
-                                return (CommandReport::error(&target, &e), Known::Listed(None));
+                                return (
+                                    CommandReport::error(&target, &e),
+                                    Known::Listed(Some(current.clone())),
+                                );
                             }
                         }
                     }
@@ -1016,7 +1022,12 @@ impl Reconciler {
             };
             existing = match read {
                 Ok(found) => found,
-                Err(e) => return (CommandReport::error(&target, &e), Known::Listed(None)),
+                Err(e) => {
+                    return (
+                        CommandReport::error(&target, &e),
+                        Known::Listed(existing.take()),
+                    );
+                }
             };
             fresh = true;
         }
