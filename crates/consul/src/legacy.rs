@@ -103,6 +103,27 @@ impl ConsulClient {
         self.get_json(call).await
     }
 
+    /// One intention by ID; `None` when it no longer exists.
+    pub async fn get_legacy_intention(
+        &self,
+        what: &str,
+        id: &str,
+    ) -> Result<Option<LegacyIntention>, ConsulError> {
+        // IDs come from Consul's own answers; anything but a UUID's characters is not one.
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(ConsulError::Decode {
+                what: what.to_string(),
+                message: format!("intention ID {id:?} is not a UUID"),
+            });
+        }
+        let call = Call::new(Method::GET, format!("/v1/connect/intentions/{id}"), what);
+        match self.get_json(call).await {
+            Ok(intention) => Ok(Some(intention)),
+            Err(e) if is_vanished(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Creates an intention; returns its ID. Consul has no upsert: a second intention for the
     /// same pair fails with a 500 `duplicate intention found`.
     pub async fn create_legacy_intention(

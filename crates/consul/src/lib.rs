@@ -13,6 +13,7 @@ pub mod entries;
 mod error;
 pub mod legacy;
 pub mod owner;
+mod progress;
 mod reconcile;
 mod version;
 

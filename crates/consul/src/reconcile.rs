@@ -5,7 +5,8 @@
 //! service-defaults upserts (a splitter or L7 intention needs protocol http), splitters,
 //! intentions, then service-defaults deletes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use consul_smi_core::{
@@ -24,12 +25,15 @@ use crate::entries::{
 use crate::error::ConsulError;
 use crate::legacy::{LegacyIntention, LegacyIntentionWrite, is_duplicate, is_vanished};
 use crate::owner::{DESCRIPTION_MAX, Owner, Ownership, truncate_bytes};
+use crate::progress::{Progress, Verdict, fingerprint};
 use crate::version::ApiFlavor;
 
 /// Read-modify-write rounds before giving up on an entry that keeps changing.
 const MAX_CAS_ROUNDS: u32 = 20;
 /// Above this many distinct pairs, one full list is cheaper than a lookup per pair.
 const LIST_THRESHOLD: usize = 16;
+/// Reads and writes of one legacy intention before giving up on a pair that keeps changing.
+const LEGACY_ROUNDS: u32 = 6;
 
 /// What a command did to Consul.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,19 +176,44 @@ fn service_key(service: &ServiceName) -> ServiceKey {
     )
 }
 
-fn pair_key(key: &IntentionKey) -> PairKey {
+/// Consul keys config entries by lowercased kind and name (`indexFromConfigEntryKindName` in
+/// upstream `agent/consul/state/config_entry_oss.go`; 1.8.7 answers `GET
+/// .../service-defaults/VICTIM` with `victim`), so `API` and `api` are one entry.
+fn entry_key(service: &ServiceName) -> ServiceKey {
+    listed_entry_key(service.namespace.as_deref(), &service.name)
+}
+
+fn listed_entry_key(namespace: Option<&str>, name: &str) -> ServiceKey {
+    (ns_norm(namespace).map(str::to_string), name.to_lowercase())
+}
+
+/// How a modern `service-intentions` source is identified: the entry (destination) name
+/// ignores case, the source name does not (upstream's duplicate-source check compares
+/// names as written).
+fn modern_pair_key(key: &IntentionKey) -> PairKey {
     let (sns, sname) = service_key(&key.source);
-    let (dns, dname) = service_key(&key.destination);
+    let (dns, dname) = entry_key(&key.destination);
     (sns, sname, dns, dname)
+}
+
+/// Consul < 1.9 keys intentions by lowercased names: with `op-web -> op-api` in place, a
+/// create of `OP-WEB -> OP-API` answers `duplicate intention found` (verified on 1.8.7).
+fn legacy_key(key: &IntentionKey) -> PairKey {
+    (
+        ns_norm(key.source.namespace.as_deref()).map(str::to_string),
+        key.source.name.to_lowercase(),
+        ns_norm(key.destination.namespace.as_deref()).map(str::to_string),
+        key.destination.name.to_lowercase(),
+    )
 }
 
 fn legacy_pair_key(intention: &LegacyIntention) -> PairKey {
     let ns = |s: &str| ns_norm(Some(s)).map(str::to_string);
     (
         ns(&intention.source_ns),
-        intention.source_name.clone(),
+        intention.source_name.to_lowercase(),
         ns(&intention.destination_ns),
-        intention.destination_name.clone(),
+        intention.destination_name.to_lowercase(),
     )
 }
 
@@ -205,6 +234,7 @@ pub struct Reconciler {
     client: ConsulClient,
     owner: Owner,
     concurrency: usize,
+    progress: Arc<Progress>,
 }
 
 impl Reconciler {
@@ -214,7 +244,14 @@ impl Reconciler {
             client,
             owner,
             concurrency: concurrency.max(1),
+            progress: Arc::default(),
         }
+    }
+
+    /// Objects drift repair has stopped rewriting because Consul keeps holding a different
+    /// value right after each write (reported as `REJECTED` "no progress").
+    pub fn stalled_objects(&self) -> usize {
+        self.progress.stalled()
     }
 
     pub fn client(&self) -> &ConsulClient {
@@ -262,7 +299,7 @@ impl Reconciler {
 
         for i in defaults_upserts.into_iter().chain(splitters) {
             reports[i] = Some(
-                self.apply_config_command(&commands[i], flavor)
+                self.apply_config_command(&commands[i])
                     .instrument(span_of(spans, i))
                     .await,
             );
@@ -288,7 +325,7 @@ impl Reconciler {
 
         for i in defaults_deletes {
             reports[i] = Some(
-                self.apply_config_command(&commands[i], flavor)
+                self.apply_config_command(&commands[i])
                     .instrument(span_of(spans, i))
                     .await,
             );
@@ -321,51 +358,20 @@ impl Reconciler {
         let all_ns = self.uses_namespaces(state);
         let mut report = SyncReport::default();
 
-        let defaults = self
-            .client
-            .list_config_entries::<ServiceDefaultsEntry>(all_ns, None)
-            .await?
-            .value;
-        let splitters = self
-            .client
-            .list_config_entries::<ServiceSplitterEntry>(all_ns, None)
-            .await?
-            .value;
-        let defaults: HashMap<ServiceKey, ServiceDefaultsEntry> = defaults
-            .into_iter()
-            .map(|e| {
-                (
-                    (
-                        ns_norm(e.namespace.as_deref()).map(str::to_string),
-                        e.name.clone(),
-                    ),
-                    e,
-                )
-            })
-            .collect();
-        let splitters: HashMap<ServiceKey, ServiceSplitterEntry> = splitters
-            .into_iter()
-            .map(|e| {
-                (
-                    (
-                        ns_norm(e.namespace.as_deref()).map(str::to_string),
-                        e.name.clone(),
-                    ),
-                    e,
-                )
-            })
-            .collect();
+        // What these lists say is only a plan: every delete or update below re-judges the
+        // object from a read made right before it (or writes with check-and-set).
+        let defaults = self.list_entries::<ServiceDefaultsEntry>(all_ns).await?;
+        let splitters = self.list_entries::<ServiceSplitterEntry>(all_ns).await?;
 
         // Phase 1: service-defaults upserts.
         let mut futures = Vec::new();
         for desired in state.service_defaults.values() {
-            let current = defaults.get(&service_key(&desired.service)).cloned();
+            let current = defaults.get(&entry_key(&desired.service)).cloned();
             futures.push(self.config_op(
                 format!("service-defaults {}", desired.service),
                 &desired.service,
                 Some(self.defaults_entry(desired)),
                 Some(current),
-                flavor,
             ));
         }
         for r in self.run_all(futures).await {
@@ -373,33 +379,19 @@ impl Reconciler {
         }
 
         // Phase 2: splitters.
-        let mut orphans = Vec::new();
+        let orphans = match mode {
+            SyncMode::Exact => self.owned_orphans(&splitters, state.splitters.keys()),
+            SyncMode::RestoreOnly => Vec::new(),
+        };
         let mut futures = Vec::new();
         for desired in state.splitters.values() {
-            let current = splitters.get(&service_key(&desired.service)).cloned();
+            let current = splitters.get(&entry_key(&desired.service)).cloned();
             futures.push(self.config_op(
                 format!("service-splitter {}", desired.service),
                 &desired.service,
                 Some(self.splitter_entry(desired)),
                 Some(current),
-                flavor,
             ));
-        }
-        if mode == SyncMode::Exact {
-            for ((ns, name), entry) in &splitters {
-                let service = ServiceName {
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                };
-                if self.owner.judge_meta(Some(&entry.meta)) == Ownership::Ours
-                    && !state
-                        .splitters
-                        .keys()
-                        .any(|k| service_key(k) == (ns.clone(), name.clone()))
-                {
-                    orphans.push((service, entry.clone()));
-                }
-            }
         }
         for (service, entry) in &orphans {
             futures.push(self.config_op::<ServiceSplitterEntry>(
@@ -407,7 +399,6 @@ impl Reconciler {
                 service,
                 None,
                 Some(Some(entry.clone())),
-                flavor,
             ));
         }
         for r in self.run_all(futures).await {
@@ -425,8 +416,8 @@ impl Reconciler {
             ApiFlavor::Legacy => {
                 let listed = self.client.list_legacy_intentions(None).await?.value;
                 let orphan_keys: Vec<IntentionKey> = if mode == SyncMode::Exact {
-                    let desired: std::collections::HashSet<PairKey> =
-                        state.intentions.keys().map(pair_key).collect();
+                    let desired: HashSet<PairKey> =
+                        state.intentions.keys().map(legacy_key).collect();
                     listed
                         .iter()
                         .filter(|x| self.owner.judge_meta(x.meta.as_ref()) == Ownership::Ours)
@@ -456,8 +447,8 @@ impl Reconciler {
                     .await?
                     .value;
                 let orphan_keys: Vec<IntentionKey> = if mode == SyncMode::Exact {
-                    let desired: std::collections::HashSet<PairKey> =
-                        state.intentions.keys().map(pair_key).collect();
+                    let desired: HashSet<PairKey> =
+                        state.intentions.keys().map(modern_pair_key).collect();
                     let mut keys = Vec::new();
                     for entry in &listed {
                         let destination = ServiceName {
@@ -476,7 +467,7 @@ impl Reconciler {
                                 },
                                 destination: destination.clone(),
                             };
-                            if !desired.contains(&pair_key(&key)) {
+                            if !desired.contains(&modern_pair_key(&key)) {
                                 keys.push(key);
                             }
                         }
@@ -494,15 +485,7 @@ impl Reconciler {
                 );
                 let existing: HashMap<ServiceKey, ServiceIntentionsEntry> = listed
                     .into_iter()
-                    .map(|e| {
-                        (
-                            (
-                                ns_norm(e.namespace.as_deref()).map(str::to_string),
-                                e.name.clone(),
-                            ),
-                            e,
-                        )
-                    })
+                    .map(|e| (listed_entry_key(e.namespace.as_deref(), &e.name), e))
                     .collect();
                 self.modern_apply(ops, Some(existing), &[]).await
             }
@@ -513,31 +496,14 @@ impl Reconciler {
 
         // Phase 4: service-defaults deletes.
         if mode == SyncMode::Exact {
-            let mut orphans = Vec::new();
+            let orphans = self.owned_orphans(&defaults, state.service_defaults.keys());
             let mut futures = Vec::new();
-            for ((ns, name), entry) in &defaults {
-                if self.owner.judge_meta(Some(&entry.meta)) == Ownership::Ours
-                    && !state
-                        .service_defaults
-                        .keys()
-                        .any(|k| service_key(k) == (ns.clone(), name.clone()))
-                {
-                    orphans.push((
-                        ServiceName {
-                            namespace: ns.clone(),
-                            name: name.clone(),
-                        },
-                        entry.clone(),
-                    ));
-                }
-            }
             for (service, entry) in &orphans {
                 futures.push(self.config_op::<ServiceDefaultsEntry>(
                     format!("service-defaults {service}"),
                     service,
                     None,
                     Some(Some(entry.clone())),
-                    flavor,
                 ));
             }
             for r in self.run_all(futures).await {
@@ -545,6 +511,45 @@ impl Reconciler {
             }
         }
         Ok(report)
+    }
+
+    /// Lists one config-entry kind, keyed as Consul keys it.
+    async fn list_entries<E: ConfigEntry>(
+        &self,
+        all_namespaces: bool,
+    ) -> Result<HashMap<ServiceKey, E>, ConsulError> {
+        let listed = self
+            .client
+            .list_config_entries::<E>(all_namespaces, None)
+            .await?
+            .value;
+        Ok(listed
+            .into_iter()
+            .map(|e| (listed_entry_key(e.namespace(), e.name()), e))
+            .collect())
+    }
+
+    /// Listed entries this writer owns that no desired service names (one set lookup each).
+    fn owned_orphans<'a, E: ConfigEntry + Clone>(
+        &self,
+        listed: &HashMap<ServiceKey, E>,
+        desired: impl Iterator<Item = &'a ServiceName>,
+    ) -> Vec<(ServiceName, E)> {
+        let wanted: HashSet<ServiceKey> = desired.map(entry_key).collect();
+        listed
+            .iter()
+            .filter(|(key, entry)| {
+                !wanted.contains(*key)
+                    && self.owner.judge_meta(Some(entry.meta())) == Ownership::Ours
+            })
+            .map(|(_, entry)| {
+                let service = ServiceName {
+                    namespace: ns_norm(entry.namespace()).map(str::to_string),
+                    name: entry.name().to_string(),
+                };
+                (service, entry.clone())
+            })
+            .collect()
     }
 
     fn uses_namespaces(&self, state: &DesiredState) -> bool {
@@ -577,7 +582,9 @@ impl Reconciler {
             kind: SERVICE_DEFAULTS.into(),
             name: desired.service.name.clone(),
             namespace: ns_norm(desired.service.namespace.as_deref()).map(str::to_string),
-            protocol: desired.protocol.clone(),
+            // Consul lowercases it on write (`ServiceConfigEntry.Normalize`); comparing the
+            // raw value would find a difference on every drift pass.
+            protocol: desired.protocol.to_lowercase(),
             meta: self.owner.meta(),
             modify_index: 0,
         }
@@ -592,7 +599,7 @@ impl Reconciler {
                 .splits
                 .iter()
                 .map(|s| WireSplit {
-                    weight: s.weight,
+                    weight: normalise_weight(s.weight),
                     service: s.service.clone(),
                     service_subset: String::new(),
                     namespace: ns_norm(s.namespace.as_deref()).map(str::to_string),
@@ -603,35 +610,23 @@ impl Reconciler {
         }
     }
 
-    async fn apply_config_command(&self, command: &Command, flavor: ApiFlavor) -> CommandReport {
+    async fn apply_config_command(&self, command: &Command) -> CommandReport {
         let target = command.target();
         match command {
             Command::UpsertServiceDefaults(d) => {
-                self.config_op(
-                    target,
-                    &d.service,
-                    Some(self.defaults_entry(d)),
-                    None,
-                    flavor,
-                )
-                .await
+                self.config_op(target, &d.service, Some(self.defaults_entry(d)), None)
+                    .await
             }
             Command::DeleteServiceDefaults(s) => {
-                self.config_op::<ServiceDefaultsEntry>(target, s, None, None, flavor)
+                self.config_op::<ServiceDefaultsEntry>(target, s, None, None)
                     .await
             }
             Command::UpsertSplitter(s) => {
-                self.config_op(
-                    target,
-                    &s.service,
-                    Some(self.splitter_entry(s)),
-                    None,
-                    flavor,
-                )
-                .await
+                self.config_op(target, &s.service, Some(self.splitter_entry(s)), None)
+                    .await
             }
             Command::DeleteSplitter(s) => {
-                self.config_op::<ServiceSplitterEntry>(target, s, None, None, flavor)
+                self.config_op::<ServiceSplitterEntry>(target, s, None, None)
                     .await
             }
             Command::UpsertIntention(_) | Command::DeleteIntention(_) => {
@@ -641,33 +636,45 @@ impl Reconciler {
     }
 
     /// Creates, updates (`desired: Some`) or deletes (`None`) one owned config entry.
-    /// `current: Some(listed)` skips the first read.
+    /// `listed: Some(entry)` is what a list said, which may be stale by now: a create or an
+    /// update is a check-and-set write against it (Consul 1.8+ honours `?cas=` on PUT), and
+    /// a delete first re-reads the entry by name and re-judges it, because only Consul 1.11+
+    /// honours `?cas=` on DELETE (hashicorp/consul#11419; 1.8–1.10 delete unconditionally).
     async fn config_op<E: ConfigEntry>(
         &self,
         target: String,
         service: &ServiceName,
         desired: Option<E>,
-        mut current: Option<Option<E>>,
-        flavor: ApiFlavor,
+        listed: Option<Option<E>>,
     ) -> CommandReport {
         let namespace = ns_norm(service.namespace.as_deref());
+        let mut current = listed;
+        let mut fresh = current.is_none();
+        let mut pause = false;
         for round in 0..MAX_CAS_ROUNDS {
-            if round > 0 {
+            if pause {
                 cas_pause(round).await;
             }
+            pause = true;
             let existing = match current.take() {
                 Some(existing) => existing,
-                None => match self
-                    .client
-                    .get_config_entry::<E>(&service.name, namespace)
-                    .await
-                {
-                    Ok(existing) => existing,
-                    Err(e) => return CommandReport::error(&target, &e),
-                },
+                None => {
+                    fresh = true;
+                    match self
+                        .client
+                        .get_config_entry::<E>(&service.name, namespace)
+                        .await
+                    {
+                        Ok(existing) => existing,
+                        Err(e) => return CommandReport::error(&target, &e),
+                    }
+                }
             };
             let result = match (&existing, &desired) {
-                (None, None) => return CommandReport::unchanged(&target, "already absent"),
+                (None, None) => {
+                    self.progress.settled(&target);
+                    return CommandReport::unchanged(&target, "already absent");
+                }
                 (None, Some(desired)) => self
                     .client
                     .cas_config_entry(desired, 0)
@@ -676,6 +683,7 @@ impl Reconciler {
                 (Some(existing), desired) => {
                     let ownership = self.owner.judge_meta(Some(existing.meta()));
                     if ownership != Ownership::Ours {
+                        self.progress.settled(&target);
                         let matches = desired
                             .as_ref()
                             .is_some_and(|d| same_entry_content(existing, d, false));
@@ -694,27 +702,51 @@ impl Reconciler {
                     }
                     match desired {
                         Some(desired) if same_entry(existing, desired) => {
+                            self.progress.settled(&target);
                             return CommandReport::unchanged(&target, "");
                         }
-                        Some(desired) => self
-                            .client
-                            .cas_config_entry(desired, existing.modify_index())
-                            .await
-                            .map(|ok| (ok, Change::Updated)),
-                        None => {
-                            // 1.8 ignores `?cas=` on delete; modern servers (1.12+) honour it.
-                            let cas =
-                                (flavor == ApiFlavor::Modern).then(|| existing.modify_index());
+                        Some(desired) => {
+                            let verdict = self.progress.before_rewrite(
+                                &target,
+                                fingerprint(desired),
+                                fingerprint(existing),
+                                existing.modify_index(),
+                            );
+                            if verdict == Verdict::Stalled {
+                                return no_progress(&target, &differing_fields(existing, desired));
+                            }
                             self.client
-                                .delete_config_entry::<E>(&service.name, namespace, cas)
+                                .cas_config_entry(desired, existing.modify_index())
                                 .await
-                                .map(|ok| (ok, Change::Deleted))
+                                .map(|ok| (ok, Change::Updated))
                         }
+                        None if !fresh => {
+                            // Judged from a list: read it again right before deleting.
+                            pause = false;
+                            continue;
+                        }
+                        None => self
+                            .client
+                            .delete_config_entry::<E>(
+                                &service.name,
+                                namespace,
+                                Some(existing.modify_index()),
+                            )
+                            .await
+                            .map(|ok| (ok, Change::Deleted)),
                     }
                 }
             };
             match result {
-                Ok((true, change)) => return CommandReport::applied(&target, change),
+                Ok((true, change)) => {
+                    match (&desired, change) {
+                        (Some(desired), Change::Created | Change::Updated) => {
+                            self.progress.written(&target, fingerprint(desired))
+                        }
+                        _ => self.progress.settled(&target),
+                    }
+                    return CommandReport::applied(&target, change);
+                }
                 Ok((false, _)) => {
                     tracing::debug!(%target, round, "config entry changed under us; re-reading")
                 }
@@ -751,9 +783,13 @@ impl Reconciler {
         listed: Option<HashMap<PairKey, LegacyIntention>>,
         spans: &[Span],
     ) -> Vec<(usize, CommandReport)> {
+        // Grouped by Consul's key, so case variants of one pair run in order, not in parallel.
         let mut groups: BTreeMap<PairKey, Vec<(usize, IntentionOp)>> = BTreeMap::new();
         for (i, op) in ops {
-            groups.entry(pair_key(op.key())).or_default().push((i, op));
+            groups
+                .entry(legacy_key(op.key()))
+                .or_default()
+                .push((i, op));
         }
         let listed = match listed {
             Some(listed) => Some(listed),
@@ -780,22 +816,22 @@ impl Reconciler {
         futures::stream::iter(groups)
             .map(|(pair, ops)| async move {
                 let mut existing = match listed {
-                    Some(listed) => Ok(listed.get(&pair).cloned()),
-                    None => {
-                        self.legacy_lookup(ops[0].1.key())
-                            .instrument(span_of(spans, ops[0].0))
-                            .await
-                    }
+                    Some(listed) => Ok(Known::Listed(listed.get(&pair).cloned())),
+                    None => self
+                        .legacy_lookup(ops[0].1.key(), false)
+                        .instrument(span_of(spans, ops[0].0))
+                        .await
+                        .map(Known::Read),
                 };
                 let mut out = Vec::with_capacity(ops.len());
                 for (i, op) in ops {
                     let report = match &mut existing {
-                        Ok(current) => {
+                        Ok(known) => {
                             let (report, after) = self
-                                .legacy_execute(op, current.take())
+                                .legacy_execute(op, std::mem::replace(known, Known::Listed(None)))
                                 .instrument(span_of(spans, i))
                                 .await;
-                            *current = after;
+                            *known = after;
                             report
                         }
                         Err(e) => CommandReport::error(&op.target(), e),
@@ -810,124 +846,190 @@ impl Reconciler {
             .await
     }
 
+    /// The intention holding `key`'s pair. `any_case`: also under another spelling (a full
+    /// list; go-bexpr's `==` in the cheap filtered lookup is case-sensitive, Consul's key is not).
     async fn legacy_lookup(
         &self,
         key: &IntentionKey,
+        any_case: bool,
     ) -> Result<Option<LegacyIntention>, ConsulError> {
-        let wanted = pair_key(key);
-        let found = self
-            .client
-            .find_legacy_intentions(&key.source.name, &key.destination.name)
-            .await?;
+        let wanted = legacy_key(key);
+        let found = if any_case {
+            self.client.list_legacy_intentions(None).await?.value
+        } else {
+            self.client
+                .find_legacy_intentions(&key.source.name, &key.destination.name)
+                .await?
+        };
         Ok(found.into_iter().find(|x| legacy_pair_key(x) == wanted))
     }
 
-    /// Runs one op against the intention currently holding its pair; returns the report and
-    /// what now holds the pair (for the next op on the same pair in this batch).
+    /// Runs one op against the intention holding its pair; returns the report and what now
+    /// holds the pair (for the next op on the same pair in this batch).
+    ///
+    /// Consul 1.8 has no check-and-set for intentions, so a PUT or DELETE by ID only follows a
+    /// read made right before it (by ID, or the pair's lookup) that still shows an owned
+    /// intention needing that write; what a list or an earlier op said is only a plan.
     async fn legacy_execute(
         &self,
         op: IntentionOp,
-        mut existing: Option<LegacyIntention>,
-    ) -> (CommandReport, Option<LegacyIntention>) {
+        known: Known<LegacyIntention>,
+    ) -> (CommandReport, Known<LegacyIntention>) {
         let target = op.target();
-        for _ in 0..3 {
-            match (&op, &existing) {
-                (IntentionOp::Upsert(intention), current) => {
-                    let action = match &intention.rule {
-                        IntentionRule::L4(action) => *action,
-                        IntentionRule::L7(_) => {
-                            let message = format!(
-                                "{target}: L7 permissions need Consul 1.9+ (service-intentions config \
-                                 entries); this Consul only supports the legacy L4 intentions API"
-                            );
-                            return (
-                                CommandReport::new(
-                                    &target,
-                                    Outcome::Rejected,
-                                    Change::None,
-                                    message,
-                                ),
-                                existing,
-                            );
+        let (mut existing, mut fresh) = match known {
+            Known::Listed(x) => (x, false),
+            Known::Read(x) => (x, true),
+        };
+        let body = match &op {
+            IntentionOp::Upsert(intention) => match &intention.rule {
+                IntentionRule::L4(action) => Some(self.legacy_body(intention, *action)),
+                IntentionRule::L7(_) => {
+                    let message = format!(
+                        "{target}: L7 permissions need Consul 1.9+ (service-intentions config \
+                         entries); this Consul only supports the legacy L4 intentions API"
+                    );
+                    let report =
+                        CommandReport::new(&target, Outcome::Rejected, Change::None, message);
+                    return (report, Known::of(existing, fresh));
+                }
+            },
+            IntentionOp::Delete(_) => None,
+        };
+        for _ in 0..LEGACY_ROUNDS {
+            let next = match (&body, &existing) {
+                (Some(body), None) => {
+                    match self.client.create_legacy_intention(&target, body).await {
+                        Ok(id) => {
+                            self.progress.written(&target, fingerprint(body));
+                            let after = legacy_from_body(id, body);
+                            let report = CommandReport::applied(&target, Change::Created);
+                            return (report, Known::Listed(Some(after)));
                         }
-                    };
-                    let body = self.legacy_body(intention, action);
-                    match current {
-                        None => match self.client.create_legacy_intention(&target, &body).await {
-                            Ok(id) => {
-                                let after = legacy_from_body(id, &body);
-                                return (
-                                    CommandReport::applied(&target, Change::Created),
-                                    Some(after),
-                                );
-                            }
-                            Err(e) if is_duplicate(&e) => {}
-                            Err(e) => return (CommandReport::error(&target, &e), existing),
-                        },
-                        Some(current) => {
-                            let ownership = self.owner.judge_meta(current.meta.as_ref());
-                            if ownership != Ownership::Ours {
-                                let message = format!(
-                                    "{target} already exists in Consul (ID {}, action {:?}) and is {}; left untouched",
-                                    current.id,
-                                    current.action,
-                                    ownership.describe()
-                                );
-                                return (CommandReport::conflict(&target, message), existing);
-                            }
-                            if legacy_matches(current, &body) {
-                                return (CommandReport::unchanged(&target, ""), existing);
-                            }
-                            let id = current.id.clone();
-                            match self
-                                .client
-                                .update_legacy_intention(&target, &id, &body)
-                                .await
-                            {
-                                Ok(()) => {
-                                    return (
-                                        CommandReport::applied(&target, Change::Updated),
-                                        Some(legacy_from_body(id, &body)),
-                                    );
-                                }
-                                Err(e) if is_vanished(&e) => {}
-                                Err(e) => return (CommandReport::error(&target, &e), existing),
-                            }
-                        }
+                        // Another spelling of the pair may hold it: Consul's key ignores case.
+                        Err(e) if is_duplicate(&e) => Reread::AnyCase,
+                        Err(e) => return (CommandReport::error(&target, &e), Known::Listed(None)),
                     }
                 }
-                (IntentionOp::Delete(_), None) => {
-                    return (CommandReport::unchanged(&target, "already absent"), None);
+                (None, None) => {
+                    self.progress.settled(&target);
+                    let report = CommandReport::unchanged(&target, "already absent");
+                    return (report, Known::of(None, fresh));
                 }
-                (IntentionOp::Delete(_), Some(current)) => {
+                (body, Some(current)) => {
                     let ownership = self.owner.judge_meta(current.meta.as_ref());
                     if ownership != Ownership::Ours {
+                        self.progress.settled(&target);
                         let message = format!(
-                            "{target} exists in Consul (ID {}, action {:?}) and is {}; not deleted",
+                            "{target} {} in Consul (ID {}, action {:?}) and is {}; {}",
+                            if body.is_some() {
+                                "already exists"
+                            } else {
+                                "exists"
+                            },
                             current.id,
                             current.action,
-                            ownership.describe()
+                            ownership.describe(),
+                            if body.is_some() {
+                                "left untouched"
+                            } else {
+                                "not deleted"
+                            },
                         );
-                        return (CommandReport::conflict(&target, message), existing);
+                        return (
+                            CommandReport::conflict(&target, message),
+                            Known::of(existing, fresh),
+                        );
                     }
-                    return match self
-                        .client
-                        .delete_legacy_intention(&target, &current.id)
-                        .await
+                    if let Some(body) = body
+                        && legacy_matches(current, body)
                     {
-                        Ok(()) => (CommandReport::applied(&target, Change::Deleted), None),
-                        Err(e) if is_vanished(&e) => {
-                            (CommandReport::unchanged(&target, "already absent"), None)
+                        self.progress.settled(&target);
+                        return (
+                            CommandReport::unchanged(&target, ""),
+                            Known::of(existing, fresh),
+                        );
+                    }
+                    if !fresh {
+                        Reread::ById(current.id.clone())
+                    } else if let Some(body) = body {
+                        let verdict = self.progress.before_rewrite(
+                            &target,
+                            fingerprint(body),
+                            fingerprint(&(&current.action, &current.description, &current.meta)),
+                            current.modify_index,
+                        );
+                        if verdict == Verdict::Stalled {
+                            let written = legacy_view(&legacy_from_body(String::new(), body));
+                            let fields = differing_fields(&legacy_view(current), &written);
+                            return (no_progress(&target, &fields), Known::of(existing, fresh));
                         }
-                        Err(e) => (CommandReport::error(&target, &e), existing),
-                    };
+                        let id = current.id.clone();
+                        match self
+                            .client
+                            .update_legacy_intention(&target, &id, body)
+                            .await
+                        {
+                            Ok(()) => {
+                                self.progress.written(&target, fingerprint(body));
+                                let after = legacy_from_body(id, body);
+                                let report = CommandReport::applied(&target, Change::Updated);
+                                return (report, Known::Listed(Some(after)));
+                            }
+                            Err(e) if is_vanished(&e) => Reread::Pair,
+                            Err(e) => {
+                                return (
+                                    CommandReport::error(&target, &e),
+                                    Known::Listed(Some(current.clone())),
+                                );
+                            }
+                        }
+                    } else {
+                        match self
+                            .client
+                            .delete_legacy_intention(&target, &current.id)
+                            .await
+                        {
+                            Ok(()) => {
+                                self.progress.settled(&target);
+                                let report = CommandReport::applied(&target, Change::Deleted);
+                                return (report, Known::Listed(None));
+                            }
+                            Err(e) if is_vanished(&e) => Reread::Pair,
+                            Err(e) => {
+                                return (
+                                    CommandReport::error(&target, &e),
+                                    Known::Listed(Some(current.clone())),
+                                );
+                            }
+                        }
+                    }
                 }
-            }
-            // The pair changed between our read and our write: read it again and re-decide.
-            existing = match self.legacy_lookup(op.key()).await {
-                Ok(found) => found,
-                Err(e) => return (CommandReport::error(&target, &e), None),
             };
+            // Re-read, then re-decide from what Consul holds now.
+            let read = match next {
+                Reread::ById(id) => match self.client.get_legacy_intention(&target, &id).await {
+                    // The ID vanished: whoever holds the pair now (if anyone) decides.
+                    Ok(None) => self.legacy_lookup(op.key(), false).await,
+                    other => other,
+                },
+                Reread::Pair => self.legacy_lookup(op.key(), false).await,
+                // Usually the same spelling (someone created the pair meanwhile): the cheap
+                // filtered lookup first, the full list only for another spelling.
+                Reread::AnyCase => match self.legacy_lookup(op.key(), false).await {
+                    Ok(None) => self.legacy_lookup(op.key(), true).await,
+                    other => other,
+                },
+            };
+            existing = match read {
+                Ok(found) => found,
+                Err(e) => {
+                    return (
+                        CommandReport::error(&target, &e),
+                        Known::Listed(existing.take()),
+                    );
+                }
+            };
+            fresh = true;
         }
         (
             CommandReport::new(
@@ -936,7 +1038,7 @@ impl Reconciler {
                 Change::None,
                 "intention kept changing under us",
             ),
-            existing,
+            Known::Listed(existing),
         )
     }
 
@@ -979,7 +1081,7 @@ impl Reconciler {
         let mut groups: BTreeMap<ServiceKey, Vec<(usize, IntentionOp)>> = BTreeMap::new();
         for (i, op) in ops {
             groups
-                .entry(service_key(&op.key().destination))
+                .entry(entry_key(&op.key().destination))
                 .or_default()
                 .push((i, op));
         }
@@ -1001,7 +1103,9 @@ impl Reconciler {
             .await
     }
 
-    /// Read-modify-write of one destination's entry for all ops on it.
+    /// Read-modify-write of one destination's entry for all ops on it. A PUT is a
+    /// check-and-set against the entry read; deleting the entry (its last source went)
+    /// follows a read made right before it, as Consul 1.9 and 1.10 ignore `DELETE ?cas=`.
     fn modern_group<'a>(
         &'a self,
         ops: Vec<(usize, IntentionOp)>,
@@ -1015,10 +1119,13 @@ impl Reconciler {
                     .map(|(i, op)| (*i, CommandReport::error(&op.target(), e)))
                     .collect()
             };
+            let mut fresh = current.is_none();
+            let mut pause = false;
             for round in 0..MAX_CAS_ROUNDS {
-                if round > 0 {
+                if pause {
                     cas_pause(round).await;
                 }
+                pause = true;
                 let entry = match current.take() {
                     Some(entry) => entry,
                     None => match self
@@ -1029,13 +1136,21 @@ impl Reconciler {
                         )
                         .await
                     {
-                        Ok(entry) => entry,
+                        Ok(entry) => {
+                            fresh = true;
+                            entry
+                        }
                         Err(e) => return fail_all(&e),
                     },
                 };
                 let (write, reports) = self.plan_modern(&destination, entry.as_ref(), &ops);
                 let result = match write {
                     None => return reports,
+                    // Planned from a list: read the entry again right before deleting it.
+                    Some(EntryWrite::Delete(_)) if !fresh => {
+                        pause = false;
+                        continue;
+                    }
                     Some(EntryWrite::Put(entry, cas)) => {
                         self.client.cas_config_entry(&entry, cas).await
                     }
@@ -1050,7 +1165,10 @@ impl Reconciler {
                     }
                 };
                 match result {
-                    Ok(true) => return reports,
+                    Ok(true) => {
+                        self.note_modern_progress(&ops, &reports);
+                        return reports;
+                    }
                     Ok(false) => {
                         tracing::debug!(%destination, round, "service-intentions changed under us; re-reading")
                     }
@@ -1092,6 +1210,25 @@ impl Reconciler {
         })
     }
 
+    /// After a successful write of an entry: what each upsert wrote, for no-progress detection.
+    fn note_modern_progress(
+        &self,
+        ops: &[(usize, IntentionOp)],
+        reports: &[(usize, CommandReport)],
+    ) {
+        for ((_, op), (_, report)) in ops.iter().zip(reports) {
+            match (op, report.change) {
+                (IntentionOp::Upsert(intention), Change::Created | Change::Updated) => {
+                    let desired = self.desired_source(intention);
+                    self.progress
+                        .written(&report.target, fingerprint(&source_view(&desired)));
+                }
+                (_, Change::Deleted) => self.progress.settled(&report.target),
+                _ => {}
+            }
+        }
+    }
+
     /// Decides the new entry (if any write is needed) and each op's report, assuming the write succeeds.
     fn plan_modern(
         &self,
@@ -1127,12 +1264,27 @@ impl Reconciler {
                     let desired = self.desired_source(intention);
                     match self.judge_source(&work.sources[p]) {
                         Ownership::Ours if same_source(&work.sources[p], &desired) => {
+                            self.progress.settled(&target);
                             CommandReport::unchanged(&target, "")
                         }
                         Ownership::Ours => {
-                            work.sources[p] = desired;
-                            changed = true;
-                            CommandReport::applied(&target, Change::Updated)
+                            let verdict = self.progress.before_rewrite(
+                                &target,
+                                fingerprint(&source_view(&desired)),
+                                fingerprint(&source_view(&work.sources[p])),
+                                cas,
+                            );
+                            if verdict == Verdict::Stalled {
+                                let fields = differing_fields(
+                                    &source_view(&work.sources[p]),
+                                    &source_view(&desired),
+                                );
+                                no_progress(&target, &fields)
+                            } else {
+                                work.sources[p] = desired;
+                                changed = true;
+                                CommandReport::applied(&target, Change::Updated)
+                            }
                         }
                         other => CommandReport::conflict(
                             &target,
@@ -1209,6 +1361,15 @@ fn same_source(existing: &SourceIntention, desired: &SourceIntention) -> bool {
         && existing.description == desired.description
 }
 
+/// The fields of a source that a write sets, named as on the wire.
+fn source_view(source: &SourceIntention) -> serde_json::Value {
+    serde_json::json!({
+        "Action": source.action,
+        "Permissions": source.permissions,
+        "Description": source.description,
+    })
+}
+
 /// Compares what would be written (ModifyIndex is never serialised); `default`/empty
 /// namespaces count as none, as Enterprise reports `default` for entries written without one.
 fn same_entry<E: ConfigEntry>(existing: &E, desired: &E) -> bool {
@@ -1236,12 +1397,86 @@ fn same_entry_content<E: ConfigEntry>(existing: &E, desired: &E, with_meta: bool
     existing.is_some() && existing == normalised(desired)
 }
 
+/// Consul's rounding of a split weight to hundredths (`NormalizeServiceSplitWeight` and
+/// `scaleWeight` in upstream `agent/structs/config_entry_discoverychain.go`:
+/// `float32(int(math.Round(float64(w * 100)))) / 100`, with `w * 100` computed in float32).
+fn normalise_weight(weight: f32) -> f32 {
+    let scaled = f64::from(weight * 100.0).round() as i64;
+    scaled as f32 / 100.0
+}
+
+/// The top-level fields (JSON names) in which two objects differ, for messages.
+fn differing_fields(existing: &impl serde::Serialize, desired: &impl serde::Serialize) -> String {
+    let as_object = |value: serde_json::Value| match value {
+        serde_json::Value::Object(object) => object,
+        _ => Default::default(),
+    };
+    let existing = as_object(serde_json::to_value(existing).unwrap_or_default());
+    let desired = as_object(serde_json::to_value(desired).unwrap_or_default());
+    let mut fields: Vec<&str> = existing
+        .keys()
+        .chain(desired.keys())
+        .filter(|k| existing.get(*k) != desired.get(*k))
+        .map(String::as_str)
+        .collect();
+    fields.sort_unstable();
+    fields.dedup();
+    fields.join(", ")
+}
+
+/// The report for an object Consul keeps holding differently right after each write.
+fn no_progress(target: &str, fields: &str) -> CommandReport {
+    CommandReport::new(
+        target,
+        Outcome::Rejected,
+        Change::None,
+        format!(
+            "{target}: no progress: right after the writer's last write Consul still holds \
+             a different value (fields: {fields}); Consul normalises or rewrites it, so it is \
+             not rewritten again until the desired object or Consul's copy changes"
+        ),
+    )
+}
+
 fn legacy_matches(current: &LegacyIntention, body: &LegacyIntentionWrite) -> bool {
     current.action == body.action
         && current.description == body.description
         && current.meta.as_ref() == Some(&body.meta)
         && current.permissions.as_ref().is_none_or(|p| p.is_null())
         && (current.source_type.is_empty() || current.source_type == body.source_type)
+}
+
+/// What a caller knows about the object on a key: what a list (or an earlier write in this
+/// batch) said, or what a read made just now said.
+enum Known<T> {
+    Listed(Option<T>),
+    Read(Option<T>),
+}
+
+impl<T> Known<T> {
+    fn of(value: Option<T>, fresh: bool) -> Self {
+        if fresh {
+            Known::Read(value)
+        } else {
+            Known::Listed(value)
+        }
+    }
+}
+
+/// How a legacy intention is re-read before a decision is final.
+enum Reread {
+    ById(String),
+    Pair,
+    AnyCase,
+}
+
+/// The fields of a legacy intention that a write sets, named as on the wire.
+fn legacy_view(current: &LegacyIntention) -> serde_json::Value {
+    serde_json::json!({
+        "Action": current.action,
+        "Description": current.description,
+        "Meta": current.meta,
+    })
 }
 
 fn legacy_from_body(id: String, body: &LegacyIntentionWrite) -> LegacyIntention {

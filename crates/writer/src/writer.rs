@@ -76,6 +76,9 @@ pub struct Writer {
     write_lock: Mutex<()>,
     known_conflicts: std::sync::Mutex<HashSet<String>>,
     metrics: Metrics,
+    /// Owned objects drift repair stopped rewriting (Consul holds them differently right
+    /// after each write); see `Reconciler::stalled_objects`.
+    stalled: prometheus_client::metrics::gauge::Gauge,
     counters: WriterCounters,
     config: WriterConfig,
     /// Wakes the drift loop early (after a failed pass, or for tests).
@@ -119,12 +122,19 @@ impl Writer {
         let client = ConsulClient::with_observer(&config.consul, Some(observer))?;
         let owner = Owner::new(config.writer_id.clone())?;
         let reconciler = Reconciler::new(client, owner, config.write_concurrency);
+        let stalled = prometheus_client::metrics::gauge::Gauge::default();
+        metrics.register(
+            "writer_stalled_objects",
+            "Owned Consul objects not rewritten because Consul held them differently right after each write (no progress)",
+            stalled.clone(),
+        );
         Ok(Arc::new(Writer {
             reconciler,
             memory: std::sync::Mutex::new(Memory::default()),
             write_lock: Mutex::new(()),
             known_conflicts: Default::default(),
             metrics,
+            stalled,
             counters: WriterCounters::default(),
             config,
             nudge: Notify::new(),
@@ -228,6 +238,8 @@ impl Writer {
     }
 
     fn record(&self, reports: &[CommandReport], commanded: bool) {
+        self.stalled
+            .set(i64::try_from(self.reconciler.stalled_objects()).unwrap_or(i64::MAX));
         let mut known = self
             .known_conflicts
             .lock()

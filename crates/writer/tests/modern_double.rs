@@ -99,3 +99,47 @@ async fn drift_repair_restores_sources_and_entries_on_the_modern_api() {
     stop.send(true).unwrap();
     drift.await.unwrap();
 }
+
+#[tokio::test]
+async fn drift_repair_stops_rewriting_what_consul_keeps_holding_differently() {
+    let double = ModernConsul::start().await;
+    // A normalisation the writer does not know: each write is stored differently, and each
+    // of the writer's own writes wakes its blocking queries for another pass.
+    double.mangle_writes(|entry| {
+        if entry["Kind"] == "service-defaults" {
+            entry["Protocol"] = serde_json::json!("http-normalised");
+        }
+    });
+    let mut config = WriterConfig::for_consul(double.address.clone());
+    config.drift_debounce = Duration::from_millis(50);
+    config.drift_wait = Duration::from_secs(5);
+    let metrics = consul_smi_telemetry::Metrics::new();
+    let writer = Writer::new(config, metrics.clone()).unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let drift = tokio::spawn(writer.clone().run_drift_repair(stopped));
+
+    let mut state = DesiredState::default();
+    let api = ServiceName::new("api");
+    state.service_defaults.insert(
+        api.clone(),
+        consul_smi_core::ServiceDefaults {
+            service: api,
+            protocol: "http".into(),
+        },
+    );
+    writer.sync(state).await.unwrap();
+    eventually("the stalled object is reported", || {
+        metrics
+            .encode()
+            .contains("consul_smi_writer_stalled_objects 1")
+    })
+    .await;
+    let writes = double.writes();
+    assert!(writes <= 2, "{writes} writes of one object");
+    // Settled: no pass rewrites it any more (each rewrite would wake the watch again).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(double.writes(), writes);
+
+    stop.send(true).unwrap();
+    drift.await.unwrap();
+}

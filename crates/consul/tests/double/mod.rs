@@ -6,14 +6,23 @@
 //! - `GET /v1/agent/self` reports `Config.Version` (default `1.16.0`).
 //! - `GET /v1/config/:kind` (blocking with `?index=&wait=`, `X-Consul-Index`),
 //!   `GET /v1/config/:kind/:name` (404 when absent), `PUT /v1/config?cas=` (`true`/`false`;
-//!   `cas=0` = create only), `DELETE /v1/config/:kind/:name?cas=` (`{"Deleted":bool}`).
+//!   `cas=0` = create only), `DELETE /v1/config/:kind/:name?cas=` (see below).
 //! - Unknown fields are rejected with 400 `invalid config key`; service-intentions sources
 //!   are validated (Action xor Permissions, HTTP match rules, no Permissions on a wildcard
 //!   destination, L7 needs an http-family protocol, legacy fields must be omitted, no
 //!   duplicate sources, at least one source, 512-byte descriptions); Consul fills
 //!   `Precedence` and `Type` on read.
+//! - Like upstream, entry names are keyed case-insensitively (`indexFromConfigEntryKindName`
+//!   in `agent/consul/state/config_entry_oss.go` lowercases kind and name), writes are
+//!   normalised before they are stored (`ServiceConfigEntry.Normalize` lowercases `Protocol`;
+//!   `ServiceSplitterConfigEntry.Normalize` rounds each weight to hundredths,
+//!   `NormalizeServiceSplitWeight`/`scaleWeight` in `agent/structs/config_entry_discoverychain.go`),
+//!   and `DELETE ?cas=` is honoured only from 1.11 (hashicorp/consul#11419; older servers
+//!   ignore it and delete unconditionally), answering a bare `true`/`false`
+//!   (`configDelete` in `agent/config_endpoint.go` returns `reply.Deleted`).
 //! - Faults for tests: N transient 500s (`No cluster leader`), a concurrent write injected
-//!   just before the next CAS write, and an ACL token requirement (403 otherwise).
+//!   just before the next CAS write, a normalisation the writer does not know applied to
+//!   every write, and an ACL token requirement (403 otherwise).
 
 #![allow(dead_code)]
 
@@ -30,6 +39,41 @@ use tokio::sync::watch;
 
 type Entries = BTreeMap<(String, String), Value>;
 type Race = Box<dyn FnOnce(&mut Value) + Send>;
+type Mangle = Box<dyn Fn(&mut Value) + Send>;
+
+/// Upstream's key: kind and name, lowercased.
+fn entry_key(kind: &str, name: &str) -> (String, String) {
+    (kind.to_lowercase(), name.to_lowercase())
+}
+
+/// What upstream's `Normalize` does to the entries this double knows before storing them.
+fn normalise(entry: &mut Value) {
+    match entry["Kind"].as_str() {
+        Some("service-defaults") => {
+            if let Some(protocol) = entry["Protocol"].as_str() {
+                entry["Protocol"] = json!(protocol.to_lowercase());
+            }
+        }
+        Some("service-splitter") => {
+            if let Some(splits) = entry["Splits"].as_array_mut() {
+                for split in splits {
+                    if let Some(weight) = split["Weight"].as_f64() {
+                        // scaleWeight: int(math.Round(float64(v * 100.0))) on a float32 v.
+                        let scaled = f64::from(weight as f32 * 100.0).round() as i64;
+                        split["Weight"] = json!(f64::from(scaled as f32 / 100.0));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn version_at_least(version: &str, major: u64, minor: u64) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let (have_major, have_minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (have_major, have_minor) >= (major, minor)
+}
 
 #[derive(Default)]
 struct Inner {
@@ -40,6 +84,7 @@ struct Inner {
     transient_failures: u32,
     /// Applied to the stored entry right before the next CAS write is checked.
     race: Option<Race>,
+    mangle: Option<Mangle>,
     required_token: Option<String>,
 }
 
@@ -80,10 +125,18 @@ impl ModernConsul {
     }
 
     pub fn entry(&self, kind: &str, name: &str) -> Option<Value> {
-        self.lock()
-            .entries
-            .get(&(kind.to_string(), name.to_string()))
-            .cloned()
+        self.lock().entries.get(&entry_key(kind, name)).cloned()
+    }
+
+    /// Reports this version in `/v1/agent/self` and follows its `DELETE ?cas=` behaviour.
+    pub fn set_version(&self, version: &str) {
+        self.lock().version = version.to_string();
+    }
+
+    /// Applies `change` to every entry written through the API from now on, like a
+    /// normalisation of Consul's that the writer does not know about.
+    pub fn mangle_writes(&self, change: impl Fn(&mut Value) + Send + 'static) {
+        self.lock().mangle = Some(Box::new(change));
     }
 
     /// Writes an entry as an operator would (no validation beyond JSON).
@@ -91,10 +144,11 @@ impl ModernConsul {
         let mut inner = self.lock();
         inner.index += 1;
         let index = inner.index;
-        let key = (
-            entry["Kind"].as_str().unwrap().to_string(),
-            entry["Name"].as_str().unwrap().to_string(),
+        let key = entry_key(
+            entry["Kind"].as_str().unwrap(),
+            entry["Name"].as_str().unwrap(),
         );
+        normalise(&mut entry);
         if key.0 == "service-intentions" {
             fill_computed_fields(&mut entry);
         }
@@ -108,7 +162,7 @@ impl ModernConsul {
     /// Deletes an entry as an operator would.
     pub fn remove(&self, kind: &str, name: &str) {
         let mut inner = self.lock();
-        inner.entries.remove(&(kind.to_string(), name.to_string()));
+        inner.entries.remove(&entry_key(kind, name));
         inner.index += 1;
         let index = inner.index;
         drop(inner);
@@ -180,11 +234,7 @@ async fn handle(
         }
         (Method::GET, ["v1", "config", kind]) => list(&double, kind, &params).await,
         (Method::GET, ["v1", "config", kind, name]) => {
-            match double
-                .lock()
-                .entries
-                .get(&(kind.to_string(), name.to_string()))
-            {
+            match double.lock().entries.get(&entry_key(kind, name)) {
                 Some(entry) => axum::Json(entry.clone()).into_response(),
                 None => text(
                     StatusCode::NOT_FOUND,
@@ -354,7 +404,11 @@ fn put(double: &ModernConsul, params: &BTreeMap<String, String>, body: &[u8]) ->
             ));
         }
     }
-    let key = (kind.clone(), name.clone());
+    normalise(&mut entry);
+    if let Some(mangle) = &inner.mangle {
+        mangle(&mut entry);
+    }
+    let key = entry_key(&kind, &name);
     if let Some(race) = inner.race.take()
         && let Some(stored) = inner.entries.get_mut(&key)
     {
@@ -399,8 +453,11 @@ fn delete(
     params: &BTreeMap<String, String>,
 ) -> Response {
     let mut inner = double.lock();
-    let key = (kind.to_string(), name.to_string());
-    let cas = params.get("cas").and_then(|c| c.parse::<u64>().ok());
+    let key = entry_key(kind, name);
+    let cas = params
+        .get("cas")
+        .and_then(|c| c.parse::<u64>().ok())
+        .filter(|_| version_at_least(&inner.version, 1, 11));
     let current = inner
         .entries
         .get(&key)
@@ -408,7 +465,7 @@ fn delete(
     if let Some(cas) = cas
         && current.is_some_and(|index| index != cas)
     {
-        return axum::Json(json!({"Deleted": false})).into_response();
+        return axum::Json(false).into_response();
     }
     if inner.entries.remove(&key).is_some() {
         inner.index += 1;
@@ -418,7 +475,7 @@ fn delete(
     drop(inner);
     double.changed.send_replace(index);
     if cas.is_some() {
-        axum::Json(json!({"Deleted": true})).into_response()
+        axum::Json(true).into_response()
     } else {
         axum::Json(json!({})).into_response()
     }
@@ -426,7 +483,7 @@ fn delete(
 
 fn protocol_of(entries: &Entries, service: &str) -> String {
     entries
-        .get(&("service-defaults".to_string(), service.to_string()))
+        .get(&entry_key("service-defaults", service))
         .and_then(|e| e["Protocol"].as_str())
         .filter(|p| !p.is_empty())
         .unwrap_or("tcp")
