@@ -19,14 +19,17 @@ fn read_all(dir: &Path) -> (DirState, Duration) {
     (state, start.elapsed())
 }
 
-fn documents_in_one_file(n: usize) {
+/// `document(i)` is the i-th document; `smi` whether it is an SMI object.
+fn documents_in_one_file(n: usize, smi: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let text: String = (0..n).map(|i| format!("---\n{}", route(i))).collect();
+    let document = |i| if smi { route(i) } else { format!("a: {i}\n") };
+    let text: String = (0..n).map(|i| format!("---\n{}", document(i))).collect();
     std::fs::write(dir.path().join("routes.yaml"), &text).unwrap();
     let (state, took) = read_all(dir.path());
-    assert_eq!(state.objects().len(), n);
+    assert_eq!(state.objects().len(), if smi { n } else { 0 });
+    let what = if smi { "TCPRoutes" } else { "tiny documents" };
     println!(
-        "one file, {n:>6} documents ({:>4} KB): read and parsed in {:>8.1} ms ({:.2} µs/document)",
+        "one file, {n:>6} {what:<14} ({:>4} KB): read and parsed in {:>8.1} ms ({:.2} µs/document)",
         text.len() / 1024,
         took.as_secs_f64() * 1e3,
         took.as_secs_f64() * 1e6 / n as f64
@@ -60,8 +63,10 @@ fn files_in_one_directory(n: usize) {
 }
 
 fn main() {
-    for n in [10_000, 20_000, 40_000] {
-        documents_in_one_file(n);
+    for smi in [false, true] {
+        for n in [10_000, 20_000, 40_000] {
+            documents_in_one_file(n, smi);
+        }
     }
     for n in [5_000, 10_000, 20_000] {
         files_in_one_directory(n);
