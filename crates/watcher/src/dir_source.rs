@@ -721,6 +721,56 @@ mod tests {
         );
     }
 
+    /// Counts WARN events on the current thread while `f` runs.
+    fn warnings_during(f: impl FnOnce()) -> usize {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tracing_subscriber::layer::SubscriberExt;
+
+        struct Count(Arc<AtomicUsize>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
+            fn on_event(
+                &self,
+                event: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                if *event.metadata().level() == tracing::Level::WARN {
+                    self.0.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let count = Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry().with(Count(count.clone()));
+        tracing::subscriber::with_default(subscriber, f);
+        count.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn each_problem_is_logged_once_per_change_not_every_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        chmod(dir.path(), 0o755);
+        let unreadable = dir.path().join("unreadable.yaml");
+        std::fs::write(&unreadable, target("u")).unwrap();
+        chmod(&unreadable, 0o000);
+        let broken = dir.path().join("broken.yaml");
+        std::fs::write(&broken, "kind: [\n").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("outside.yaml")).unwrap();
+        let mut state = DirState::new(dir.path().to_path_buf(), Duration::ZERO);
+        let now = Instant::now();
+        let polls = |state: &mut DirState| {
+            as_nobody(|| {
+                warnings_during(|| {
+                    for _ in 0..5 {
+                        state.rescan(now).unwrap();
+                    }
+                })
+            })
+        };
+        assert_eq!(polls(&mut state), 3);
+        assert_eq!(state.problems().len(), 3);
+        std::fs::write(&broken, "apiVersion: {\n").unwrap();
+        assert_eq!(polls(&mut state), 1);
+    }
+
     #[test]
     fn too_many_levels_and_non_manifest_entries_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
