@@ -772,6 +772,29 @@ mod tests {
     }
 
     #[test]
+    fn a_configmap_volume_is_followed_through_its_symlink_swap() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("..2026_01")).unwrap();
+        std::fs::write(root.join("..2026_01/a.yaml"), target("a")).unwrap();
+        symlink("..2026_01", root.join("..data")).unwrap();
+        symlink("..data/a.yaml", root.join("a.yaml")).unwrap();
+        let mut state = DirState::new(root.to_path_buf(), Duration::ZERO);
+        state.rescan(Instant::now()).unwrap();
+        assert_eq!(names(&state), ["a"]);
+        assert!(state.problems().is_empty(), "{:?}", state.problems());
+
+        // The kubelet's update: a new timestamped directory, then `..data` renamed over.
+        std::fs::create_dir(root.join("..2026_02")).unwrap();
+        std::fs::write(root.join("..2026_02/a.yaml"), target("b")).unwrap();
+        symlink("..2026_02", root.join("..data_tmp")).unwrap();
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        assert!(state.rescan(Instant::now()).unwrap().changed);
+        assert_eq!(names(&state), ["b"]);
+    }
+
+    #[test]
     fn too_many_levels_and_non_manifest_entries_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let mut deep = dir.path().to_path_buf();
