@@ -163,8 +163,8 @@ struct FileState {
     read: Option<Stamp>,
     /// A different version, and when it was first seen: read once it has settled.
     pending: Option<(Stamp, Instant)>,
-    /// Hash of the content the objects come from: a new stamp with the same bytes (`touch`,
-    /// `cp -p` of the same file) changes nothing.
+    /// Hash of the content the objects come from, `None` while the file is broken: a new
+    /// stamp with the same bytes (`touch`, `cp -p` of the same file) changes nothing.
     content: Option<u64>,
     /// The file's last valid version.
     objects: Vec<Observed>,
@@ -305,7 +305,8 @@ impl FileState {
     fn update(&mut self, path: &Path, bytes: &[u8]) -> bool {
         let hash = content_hash(bytes);
         if self.content == Some(hash) {
-            // The same bytes: still valid, or still broken.
+            // The bytes its objects come from (`touch`, or unreadable for a while).
+            self.usable_again(path);
             return false;
         }
         let parsed = std::str::from_utf8(bytes)
@@ -314,19 +315,23 @@ impl FileState {
         match parsed {
             Ok(objects) => {
                 info!(file = %path.display(), objects = objects.len(), "read manifest");
-                if self.problem.take().is_some() {
-                    info!(file = %path.display(), "manifest usable again");
-                }
+                self.usable_again(path);
                 self.content = Some(hash);
                 let changed = self.objects != objects;
                 self.objects = objects;
                 changed
             }
             Err(problem) => {
-                self.content = Some(hash);
+                self.content = None;
                 self.keep_last_valid(path, problem);
                 false
             }
+        }
+    }
+
+    fn usable_again(&mut self, path: &Path) {
+        if self.problem.take().is_some() {
+            info!(file = %path.display(), "manifest usable again");
         }
     }
 
@@ -659,6 +664,12 @@ mod tests {
         assert!(!as_nobody(|| state.rescan(now)).unwrap().changed);
         assert_eq!(names(&state), ["a"]);
         assert!(state.problems()[0].1.contains("cannot open"));
+        // Readable again with the bytes already used: nothing changes, nothing is reported.
+        std::fs::write(&file, target("a")).unwrap();
+        chmod(&file, 0o644);
+        assert!(!as_nobody(|| state.rescan(now)).unwrap().changed);
+        assert_eq!(names(&state), ["a"]);
+        assert!(state.problems().is_empty(), "{:?}", state.problems());
     }
 
     #[test]
