@@ -439,21 +439,27 @@ impl Walk {
                 return Ok(());
             }
         };
+        let mut listed = Vec::new();
         for entry in entries {
-            let entry = match entry {
-                Ok(entry) => entry,
+            match entry {
+                Ok(entry) => listed.push(entry),
                 Err(e) if depth == 0 => return Err(e),
                 Err(e) => {
                     self.unreadable(dir, e);
                     return Ok(());
                 }
-            };
+            }
             self.entries += 1;
             if self.entries > MAX_ENTRIES {
                 return Err(std::io::Error::other(format!(
                     "more than {MAX_ENTRIES} entries; not scanned"
                 )));
             }
+        }
+        // In name order, so that a directory reachable twice (through a symlink) is always
+        // read under the same path: a path that flips between scans would briefly revoke.
+        listed.sort_by_key(|entry| entry.file_name());
+        for entry in listed {
             let path = entry.path();
             // Hidden entries: editors' swap files, `.git`, and the `..data` symlink farm of
             // Kubernetes ConfigMap volumes (whose files are also visible under their own names).
