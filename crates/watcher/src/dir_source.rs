@@ -217,7 +217,12 @@ impl DirState {
 
         for (path, metadata) in &walk.files {
             let stamp = Stamp::of(metadata);
-            let file = self.files.entry(path.clone()).or_default();
+            // Looked up before inserting: cloning every path on every poll is most of an idle
+            // poll's cost in a large tree.
+            if !self.files.contains_key(path) {
+                self.files.insert(path.clone(), FileState::default());
+            }
+            let file = self.files.get_mut(path).expect("just inserted");
             if file.read == Some(stamp) {
                 file.pending = None;
                 continue;
