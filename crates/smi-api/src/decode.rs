@@ -385,20 +385,21 @@ pub fn decode_manifests(yaml: &str) -> Vec<Result<SmiObject, DecodeError>> {
             e.document = Some(number);
             e
         };
-        // Leading blank lines change nothing in YAML but make the parser's line numbers
-        // count from the top of the whole file.
-        let padded = format!("{}{document}", "\n".repeat(first_line));
-        let value: Value = match serde_saphyr::from_str_with_options(&padded, yaml_options()) {
+        let value: Value = match serde_saphyr::from_str_with_options(document, yaml_options()) {
             Ok(v) => v,
             Err(e) => {
-                let message = e.to_string();
+                // Line numbers count from the top of the whole file. (Padding each document
+                // with the lines before it would make a file of N documents cost O(N x lines).)
+                let message = e.render_with_options(
+                    serde_saphyr::render_options! { line_offset: first_line as u64 },
+                );
                 let message = first_line_of(&message);
                 let mut error = DecodeError::new(
                     DecodeErrorKind::Syntax,
                     format!("invalid YAML: {}", without_parser_advice(message)),
                 );
                 if message.contains("duplicate mapping key") {
-                    name_object_despite_duplicate_keys(&padded, &mut error);
+                    name_object_despite_duplicate_keys(document, &mut error);
                 }
                 results.push(Err(with_doc(error)));
                 continue;

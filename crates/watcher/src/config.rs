@@ -84,6 +84,11 @@ pub struct WatcherConfig {
     #[arg(long, env = "CONSUL_SMI_WATCHER_POLL_MS", default_value_t = 500)]
     pub poll_interval_ms: u64,
 
+    /// How long a changed manifest must stay unchanged before the `dir:` source reads it, in
+    /// milliseconds: a file caught half-written is never used unless its writer pauses longer.
+    #[arg(long, env = "CONSUL_SMI_WATCHER_DIR_SETTLE_MS", default_value_t = 1000)]
+    pub dir_settle_ms: u64,
+
     #[command(flatten)]
     pub tls: consul_smi_grpc::tls::TlsArgs,
 }
@@ -103,12 +108,20 @@ impl WatcherConfig {
             history: 10_000,
             subscriber_buffer: 256,
             poll_interval_ms: 500,
+            dir_settle_ms: 1000,
             tls: Default::default(),
         }
     }
 
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms.max(10))
+    }
+
+    pub fn dir_options(&self) -> crate::dir_source::DirOptions {
+        crate::dir_source::DirOptions {
+            interval: self.poll_interval(),
+            settle: Duration::from_millis(self.dir_settle_ms),
+        }
     }
 }
 

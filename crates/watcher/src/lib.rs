@@ -137,7 +137,7 @@ pub async fn serve(
         Source::Dir(dir) => tokio::spawn(dir_source::run(
             dir.clone(),
             shared.clone(),
-            config.poll_interval(),
+            config.dir_options(),
         )),
     });
 
@@ -152,11 +152,29 @@ pub async fn serve(
         let shared = shared.clone();
         async move {
             shared.wait_ready().await;
-            readiness.set_ready();
-            reporter.set_serving::<SmiWatchServer<WatchService>>().await;
-            reporter
-                .set_service_status("", tonic_health::ServingStatus::Serving)
-                .await;
+            // Then ready while the source keeps up: a directory that cannot be read (or a scan
+            // that hangs) freezes the stream, revocations included, and must show.
+            let mut health = shared.source_health();
+            loop {
+                let healthy = *health.borrow_and_update();
+                let status = if healthy {
+                    readiness.set_ready();
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    readiness.set_not_ready();
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter
+                    .set_service_status(
+                        <SmiWatchServer<WatchService> as tonic::server::NamedService>::NAME,
+                        status,
+                    )
+                    .await;
+                reporter.set_service_status("", status).await;
+                if health.changed().await.is_err() {
+                    return;
+                }
+            }
         }
     }));
 

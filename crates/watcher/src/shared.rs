@@ -26,6 +26,9 @@ pub struct SharedStore {
     store: Mutex<Store>,
     revision: watch::Sender<u64>,
     ready: watch::Sender<bool>,
+    /// Whether the source is keeping up (a directory that cannot be read or a scan that is
+    /// stuck is not); readiness follows it once the initial state is complete.
+    source_healthy: watch::Sender<bool>,
     closing: watch::Sender<bool>,
     metrics: WatcherMetrics,
 }
@@ -46,6 +49,7 @@ impl SharedStore {
             store: Mutex::new(Store::new(history_limit)),
             revision: watch::channel(0).0,
             ready: watch::channel(false).0,
+            source_healthy: watch::channel(true).0,
             closing: watch::channel(false).0,
             metrics,
         })
@@ -168,6 +172,17 @@ impl SharedStore {
         let mut ready = self.ready.subscribe();
         // The sender lives in `self`, so this cannot fail while we hold `&self`.
         let _ = ready.wait_for(|r| *r).await;
+    }
+
+    /// The source reports whether it is keeping up; see [`SharedStore::source_health`].
+    pub fn set_source_healthy(&self, healthy: bool) {
+        self.source_healthy
+            .send_if_modified(|h| std::mem::replace(h, healthy) != healthy);
+    }
+
+    /// Follows the source's health (initially healthy).
+    pub fn source_health(&self) -> watch::Receiver<bool> {
+        self.source_healthy.subscribe()
     }
 
     /// Ends every subscription (the server is shutting down).

@@ -477,3 +477,273 @@ async fn dir_source_records_metrics() {
 
     watcher.stop().await;
 }
+
+// ---- Messy and hostile directories (issue 24) ----
+
+/// A TrafficTarget allowing `source` to call api's `metrics` match only (block style, so a
+/// cut right after `matches:` still parses: as "every match").
+fn metrics_target(source: &str) -> String {
+    format!(
+        "\
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {{name: api-metrics, namespace: default}}
+spec:
+  destination: {{kind: ServiceAccount, name: api, namespace: default}}
+  sources:
+  - {{kind: ServiceAccount, name: {source}, namespace: default}}
+  rules:
+  - kind: HTTPRouteGroup
+    name: api-routes
+    matches:
+    - metrics
+"
+    )
+}
+
+fn api_metrics() -> ObjectRef {
+    ObjectRef::new(SmiKind::TrafficTarget, "default", "api-metrics")
+}
+
+/// The sources of api-metrics when every rule is limited to `metrics`; panics on a wider rule.
+fn narrow_sources(object: &SmiObject) -> Vec<String> {
+    let SmiObject::TrafficTarget(t) = object else {
+        panic!("not a TrafficTarget: {object:?}")
+    };
+    for rule in &t.rules {
+        assert_eq!(
+            rule.matches.as_deref(),
+            Some(&["metrics".to_string()][..]),
+            "a widened rule was published: {t:?}"
+        );
+    }
+    t.sources.iter().map(|s| s.name.clone()).collect()
+}
+
+/// A replica holding the initial snapshot of `dir`.
+async fn synced_replica(watcher: &DirWatcher, until: impl Fn(&Replica) -> bool) -> Replica {
+    let mut replica = Replica::subscribe(watcher.endpoint.clone(), "", 0, "hostile").await;
+    while replica.next().await.change != WatchChange::SnapshotEnd {}
+    replica.wait_until("initial state", until).await;
+    replica
+}
+
+#[tokio::test]
+async fn a_file_rewritten_in_place_in_two_halves_is_never_used_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "target.yaml", &metrics_target("prometheus"));
+    let watcher = DirWatcher::start(dir.path()).await;
+    let mut replica = synced_replica(&watcher, |r| r.objects.contains_key(&api_metrics())).await;
+
+    // An in-place save (truncate, write) that stalls right after `matches:`: that prefix
+    // parses, as a rule granting every match of api-routes.
+    let text = metrics_target("grafana");
+    let cut = text.find("matches:").unwrap() + "matches:\n".len();
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(dir.path().join("target.yaml")).unwrap();
+        file.write_all(&text.as_bytes()[..cut]).unwrap();
+        file.flush().unwrap();
+        // Several polls (50 ms) see the prefix; shorter than the settle time (1 s).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        file.write_all(&text.as_bytes()[cut..]).unwrap();
+    }
+
+    // Every event until the complete new version: never the prefix, never a deletion.
+    loop {
+        let event = replica.next().await;
+        match &event.change {
+            WatchChange::Applied(o) if o.object_ref() == api_metrics() => {
+                if narrow_sources(o) == ["grafana"] {
+                    break;
+                }
+            }
+            WatchChange::Deleted(r) => panic!("{r} deleted by a half-written file"),
+            other => panic!("unexpected change {other:?}"),
+        }
+    }
+    watcher.stop().await;
+}
+
+/// Writes `file` with one TCPRoute named `name`: a change the test can wait for.
+fn marker(dir: &Path, file: &str, name: &str) -> ObjectRef {
+    write(
+        dir,
+        file,
+        &format!(
+            "apiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\nmetadata: {{name: {name}}}\n"
+        ),
+    );
+    ObjectRef::new(SmiKind::TCPRoute, "default", name)
+}
+
+#[tokio::test]
+async fn broken_edits_keep_the_last_valid_version() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "target.yaml", &metrics_target("prometheus"));
+    let watcher = DirWatcher::start(dir.path()).await;
+    let mut replica = synced_replica(&watcher, |r| r.objects.contains_key(&api_metrics())).await;
+
+    let good = metrics_target("prometheus");
+    let broken = [
+        (
+            "a kind typo",
+            good.replace("kind: TrafficTarget", "kind: TrafficTargte"),
+        ),
+        ("a lost name", good.replace("name: api-metrics, ", "")),
+        ("an emptied file", String::new()),
+        ("a comment left", "# TODO\n".to_string()),
+    ];
+    for (i, (what, text)) in broken.iter().enumerate() {
+        write(dir.path(), "target.yaml", text);
+        // Written after the broken edit, so read in the same scan or a later one.
+        let marker = marker(
+            dir.path(),
+            &format!("marker{i}.yaml"),
+            &format!("marker{i}"),
+        );
+        replica
+            .wait_until(what, |r| r.objects.contains_key(&marker))
+            .await;
+        assert!(
+            matches!(replica.objects.get(&api_metrics()), Some(Ok(o)) if narrow_sources(o) == ["prometheus"]),
+            "{what} changed the target: {:?}",
+            replica.objects.get(&api_metrics())
+        );
+    }
+    // Deleting the file is how its objects are removed.
+    std::fs::remove_file(dir.path().join("target.yaml")).unwrap();
+    replica
+        .wait_until("target deleted", |r| {
+            !r.objects.contains_key(&api_metrics())
+        })
+        .await;
+    watcher.stop().await;
+}
+
+#[tokio::test]
+async fn replacements_with_the_same_size_and_mtime_are_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("target.yaml");
+    write(dir.path(), "target.yaml", &metrics_target("prometheus"));
+    let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let watcher = DirWatcher::start(dir.path()).await;
+    let mut replica = synced_replica(&watcher, |r| r.objects.contains_key(&api_metrics())).await;
+
+    // `cp -p` of a same-size file over it: same inode, size and mtime; only ctime differs.
+    let replacement = metrics_target("monitoring");
+    assert_eq!(replacement.len(), metrics_target("prometheus").len());
+    std::fs::write(&path, &replacement).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    replica
+        .wait_until("the replacement", |r| {
+            matches!(r.objects.get(&api_metrics()), Some(Ok(o)) if narrow_sources(o) == ["monitoring"])
+        })
+        .await;
+    watcher.stop().await;
+}
+
+#[tokio::test]
+async fn upper_case_extensions_are_read_and_symlinks_outside_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    write(outside.path(), "target.yaml", &metrics_target("prometheus"));
+    std::os::unix::fs::symlink(
+        outside.path().join("target.yaml"),
+        dir.path().join("linked.yaml"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(outside.path(), dir.path().join("linked-dir")).unwrap();
+    let upper = marker(dir.path(), "UPPER.YAML", "upper");
+    let yml = marker(dir.path(), "short.yml", "short");
+    let watcher = DirWatcher::start(dir.path()).await;
+    let replica = synced_replica(&watcher, |r| r.objects.contains_key(&yml)).await;
+    assert!(
+        replica.objects.contains_key(&upper),
+        "{:?}",
+        replica.names()
+    );
+    assert!(
+        !replica.objects.contains_key(&api_metrics()),
+        "followed a symlink outside the directory: {:?}",
+        replica.names()
+    );
+    watcher.stop().await;
+}
+
+/// Starts the watcher on `dir` (holding one target and whatever hostile entries the test
+/// added), then checks that a deletion is still published and the watcher stops.
+async fn deletions_still_flow(dir: &Path) {
+    write(dir, "target.yaml", &metrics_target("prometheus"));
+    let watcher = DirWatcher::start(dir).await;
+    let mut replica = synced_replica(&watcher, |r| r.objects.contains_key(&api_metrics())).await;
+    std::fs::remove_file(dir.join("target.yaml")).unwrap();
+    replica
+        .wait_until("target deleted", |r| {
+            !r.objects.contains_key(&api_metrics())
+        })
+        .await;
+    assert!(watcher.readiness.is_ready());
+    watcher.stop().await;
+}
+
+#[tokio::test]
+async fn a_fifo_named_like_a_manifest_does_not_block_the_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = std::ffi::CString::new(dir.path().join("pipe.yaml").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    deletions_still_flow(dir.path()).await;
+}
+
+#[tokio::test]
+async fn a_symlink_to_dev_zero_and_a_huge_file_are_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero.yaml")).unwrap();
+    // Sparse: 5 GB that take no disk space.
+    std::fs::File::create(dir.path().join("huge.yaml"))
+        .unwrap()
+        .set_len(5 << 30)
+        .unwrap();
+    deletions_still_flow(dir.path()).await;
+}
+
+#[tokio::test]
+async fn a_branching_directory_symlink_loop_does_not_stop_the_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    for name in ["a", "b", "c"] {
+        std::os::unix::fs::symlink("..", dir.path().join("sub").join(name)).unwrap();
+    }
+    deletions_still_flow(dir.path()).await;
+}
+
+#[tokio::test]
+async fn readiness_follows_a_directory_that_cannot_be_read() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("manifests");
+    std::fs::create_dir(&dir).unwrap();
+    write(&dir, "target.yaml", &metrics_target("prometheus"));
+    let watcher = DirWatcher::start(&dir).await;
+    let _replica = synced_replica(&watcher, |r| r.objects.contains_key(&api_metrics())).await;
+    assert!(watcher.readiness.is_ready());
+
+    let moved = parent.path().join("away");
+    std::fs::rename(&dir, &moved).unwrap();
+    wait_for_readiness(&watcher.readiness, false).await;
+    std::fs::rename(&moved, &dir).unwrap();
+    wait_for_readiness(&watcher.readiness, true).await;
+    watcher.stop().await;
+}
+
+async fn wait_for_readiness(readiness: &consul_smi_telemetry::Readiness, ready: bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while readiness.is_ready() != ready {
+        assert!(Instant::now() < deadline, "readiness never became {ready}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
