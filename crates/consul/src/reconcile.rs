@@ -1322,6 +1322,16 @@ impl Reconciler {
         if !changed {
             return (None, reports);
         }
+        if let Some(refusal) = self.legacy_sources_refusal(destination, &mut work) {
+            let reports = reports
+                .into_iter()
+                .map(|(i, r)| match r.change {
+                    Change::None => (i, r),
+                    _ => (i, CommandReport::conflict(&r.target, refusal.clone())),
+                })
+                .collect();
+            return (None, reports);
+        }
         work.strip_read_only();
         // Consul refuses an entry without sources ("At least one source is required"), so
         // removing the last source (necessarily ours: only ours are removed) deletes the entry,
@@ -1334,6 +1344,62 @@ impl Reconciler {
         };
         (write, reports)
     }
+}
+
+impl Reconciler {
+    /// Sources made through the legacy intentions API (Consul < 1.9 data migrated into the
+    /// entry, or `consul intention create` on 1.9+) carry `LegacyID` and maybe `LegacyMeta`.
+    /// Consul refuses a config-entry write that keeps `LegacyMeta` and converts the sources
+    /// when it is left out (agent/structs/config_entry_intentions.go `validate`: "LegacyMeta
+    /// must be omitted"; verified on 1.14.11), so any write drops that metadata. A consul-smi
+    /// writer's own migrated sources keep their ownership as a description tag; an entry holding
+    /// anyone else's is not written (their data and their legacy-API workflow stay), and the
+    /// refusal says why.
+    fn legacy_sources_refusal(
+        &self,
+        destination: &ServiceName,
+        work: &mut ServiceIntentionsEntry,
+    ) -> Option<String> {
+        let mut foreign = Vec::new();
+        for source in work.sources.iter_mut().filter(|s| is_legacy_source(s)) {
+            let tagged = match self.judge_source(source) {
+                Ownership::Ours => self.owner.tag_description(&source.description),
+                Ownership::OtherWriter(id) => match Owner::new(id) {
+                    Ok(writer) => writer.tag_description(&source.description),
+                    Err(_) => {
+                        foreign.push(source.name.clone());
+                        continue;
+                    }
+                },
+                Ownership::Foreign => {
+                    foreign.push(source.name.clone());
+                    continue;
+                }
+            };
+            if self.owner.judge_description(&source.description) == Ownership::Foreign {
+                source.description = tagged;
+            }
+        }
+        if foreign.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "service-intentions {destination} holds intentions made through the legacy \
+             intentions API (sources {}); writing the entry would convert them and drop their \
+             metadata, so consul-smi leaves it; recreate them as config entries (consul config \
+             write) to let consul-smi manage this destination",
+            foreign.join(", ")
+        ))
+    }
+}
+
+fn is_legacy_source(source: &SourceIntention) -> bool {
+    source.legacy_meta.is_some()
+        || source
+            .extra
+            .get("LegacyID")
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| !v.is_empty())
 }
 
 type BoxedReports<'a> =
