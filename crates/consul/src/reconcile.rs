@@ -867,9 +867,10 @@ impl Reconciler {
                         Some(current) => {
                             let ownership = self.owner.judge_meta(current.meta.as_ref());
                             if ownership != Ownership::Ours {
+                                // Not the ID: a caller must not learn handles to objects
+                                // it does not own.
                                 let message = format!(
-                                    "{target} already exists in Consul (ID {}, action {:?}) and is {}; left untouched",
-                                    current.id,
+                                    "{target} already exists in Consul (action {:?}) and is {}; left untouched",
                                     current.action,
                                     ownership.describe()
                                 );
@@ -903,8 +904,7 @@ impl Reconciler {
                     let ownership = self.owner.judge_meta(current.meta.as_ref());
                     if ownership != Ownership::Ours {
                         let message = format!(
-                            "{target} exists in Consul (ID {}, action {:?}) and is {}; not deleted",
-                            current.id,
+                            "{target} exists in Consul (action {:?}) and is {}; not deleted",
                             current.action,
                             ownership.describe()
                         );
