@@ -209,3 +209,123 @@ async fn wildcard_allows_and_non_kubernetes_names_are_rejected_at_the_wire() {
     );
     writer.shutdown().await;
 }
+
+/// Finding 10: a Sync without a state is refused; it used to read as "nothing" and delete
+/// everything the writer owns. An explicitly empty state still means nothing.
+#[tokio::test]
+async fn a_sync_without_a_state_is_refused_and_deletes_nothing() {
+    let agent = ConsulAgent::start(ConsulAgentOptions::default()).expect("Consul must start");
+    let mut writer = RunningWriter::start(&agent).await;
+    let allow = Command::UpsertIntention(Intention {
+        key: IntentionKey {
+            source: ServiceName::new("web"),
+            destination: ServiceName::new("api"),
+        },
+        rule: IntentionRule::L4(Action::Allow),
+        description: "granted".into(),
+    });
+    let response = writer.apply(&[allow]).await;
+    assert_eq!(response.results[0].outcome, v1::Outcome::Applied as i32);
+
+    let status = writer
+        .client
+        .sync(v1::SyncRequest {
+            state: None,
+            trace: None,
+        })
+        .await
+        .expect_err("a Sync without a state is refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(intentions(&agent).len(), 1, "the owned intention survives");
+
+    writer.sync(&DesiredState::default()).await.unwrap();
+    assert!(
+        intentions(&agent).is_empty(),
+        "an empty state means nothing"
+    );
+    writer.shutdown().await;
+}
+
+/// Finding 8: a conflict names the pair and who holds it, never the ID of the operator's
+/// intention (a handle a hostile caller could aim a path at).
+#[tokio::test]
+async fn conflicts_do_not_quote_foreign_intention_ids() {
+    let agent = ConsulAgent::start(ConsulAgentOptions::default()).expect("Consul must start");
+    let deny = r#"{"SourceName":"web","DestinationName":"db","Action":"deny"}"#;
+    let reply = agent
+        .http("POST", "/v1/connect/intentions", Some(deny))
+        .unwrap();
+    let id = serde_json::from_str::<Value>(&reply.body).unwrap()["ID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut writer = RunningWriter::start(&agent).await;
+    let key = IntentionKey {
+        source: ServiceName::new("web"),
+        destination: ServiceName::new("db"),
+    };
+    let upsert = Command::UpsertIntention(Intention {
+        key: key.clone(),
+        rule: IntentionRule::L4(Action::Allow),
+        description: "granted".into(),
+    });
+    for command in [upsert, Command::DeleteIntention(key)] {
+        let response = writer.apply(&[command]).await;
+        let result = &response.results[0];
+        assert_eq!(result.outcome, v1::Outcome::Conflict as i32, "{result:?}");
+        assert!(result.message.contains("web -> db"), "{result:?}");
+        assert!(!result.message.contains(&id), "{result:?}");
+    }
+    writer.shutdown().await;
+}
+
+/// A writer (the library, no gRPC) whose Consul does not answer.
+fn unreachable_writer() -> std::sync::Arc<consul_smi_writer::Writer> {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = closed.local_addr().unwrap();
+    drop(closed);
+    let mut config = WriterConfig::for_consul(address.to_string());
+    config.consul.max_attempts = 1;
+    config.drift_repair = false;
+    consul_smi_writer::Writer::new(config, consul_smi_telemetry::Metrics::new()).unwrap()
+}
+
+fn one_intention() -> (Command, DesiredState) {
+    let intention = Intention {
+        key: IntentionKey {
+            source: ServiceName::new("web"),
+            destination: ServiceName::new("api"),
+        },
+        rule: IntentionRule::L4(Action::Allow),
+        description: "granted".into(),
+    };
+    let mut state = DesiredState::default();
+    state
+        .intentions
+        .insert(intention.key.clone(), intention.clone());
+    (Command::UpsertIntention(intention), state)
+}
+
+/// Finding 1: a command that failed never enters the writer's memory (drift repair would
+/// otherwise apply it later, outside any caller's view).
+#[tokio::test]
+async fn a_failed_command_is_not_remembered() {
+    let writer = unreachable_writer();
+    let (command, _) = one_intention();
+    let reports = writer.apply(&[command]).await;
+    assert_eq!(
+        reports[0].outcome,
+        consul_smi_core::Outcome::Failed,
+        "{reports:?}"
+    );
+    assert!(writer.desired_state().is_empty());
+}
+
+/// Finding 7: a failed Sync leaves the memory as it was.
+#[tokio::test]
+async fn a_failed_sync_does_not_replace_the_memory() {
+    let writer = unreachable_writer();
+    let (_, state) = one_intention();
+    writer.sync(state).await.expect_err("Consul is unreachable");
+    assert!(writer.desired_state().is_empty());
+}
