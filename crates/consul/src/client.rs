@@ -234,6 +234,9 @@ impl ConsulClient {
         let base_url = config.base_url()?;
         let token = config.resolve_token()?;
         let mut builder = reqwest::Client::builder()
+            // Consul cleans `..` out of a decoded path and answers 301 to the cleaned one;
+            // following it would repeat the method, with the token, on another endpoint.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(config.max_concurrency.max(1))
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5));
@@ -507,6 +510,17 @@ impl ConsulClient {
         if let Some(index) = index {
             tracing::Span::current().record("consul.index", index);
         }
+        if status.is_redirection() {
+            // The body (and Location) describe another endpoint: neither is echoed.
+            observe(Some(status.as_u16()));
+            return Err(Attempt::Final(ConsulError::Refused {
+                what: call.what.to_string(),
+                message: format!(
+                    "Consul answered HTTP {} (a redirect); consul-smi never follows redirects",
+                    status.as_u16()
+                ),
+            }));
+        }
         let body = response
             .bytes()
             .await
@@ -519,15 +533,14 @@ impl ConsulClient {
         if status.is_success() {
             return Ok(RawResponse { index, body });
         }
-        Err(self.classify(
-            call,
-            status,
-            String::from_utf8_lossy(&body).trim().to_string(),
-        ))
+        Err(self.classify(call, status, &String::from_utf8_lossy(&body)))
     }
 
-    fn classify(&self, call: &Call<'_>, status: StatusCode, message: String) -> Attempt {
+    /// Maps an error answer to what the caller should do. Messages carry a short excerpt of
+    /// the body (Consul's reason), never the whole of it.
+    fn classify(&self, call: &Call<'_>, status: StatusCode, body: &str) -> Attempt {
         let what = call.what.to_string();
+        let message = body_excerpt(body.trim());
         match status {
             StatusCode::FORBIDDEN => {
                 let hint = if self.inner.token.is_none() {
@@ -555,18 +568,18 @@ impl ConsulClient {
                 Attempt::Transient(format!("HTTP {status}: {message}"))
             }
             StatusCode::INTERNAL_SERVER_ERROR => {
-                if is_transient_500(&message) {
+                if is_transient_500(body) {
                     Attempt::Transient(format!("HTTP 500: {message}"))
                 } else {
                     Attempt::Final(ConsulError::Validation {
                         what,
-                        message: clean_validation(&message),
+                        message: body_excerpt(&clean_validation(body)),
                     })
                 }
             }
             s if s.is_client_error() => Attempt::Final(ConsulError::Validation {
                 what,
-                message: clean_validation(&message),
+                message: body_excerpt(&clean_validation(body)),
             }),
             s => Attempt::Final(ConsulError::Unexpected {
                 what,
@@ -580,6 +593,14 @@ impl ConsulClient {
 enum Attempt {
     Transient(String),
     Final(ConsulError),
+}
+
+/// How much of a Consul error body a message quotes: enough for Consul's reason (validation
+/// messages are one line), not enough to carry another endpoint's content.
+const BODY_EXCERPT_CHARS: usize = 240;
+
+fn body_excerpt(body: &str) -> String {
+    consul_smi_core::text::excerpt(body, BODY_EXCERPT_CHARS)
 }
 
 fn is_transient_500(body: &str) -> bool {
@@ -639,7 +660,8 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
 fn decode<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, ConsulError> {
     serde_json::from_slice(body).map_err(|e| ConsulError::Decode {
         what: what.to_string(),
-        message: e.to_string(),
+        // serde quotes the values it could not use.
+        message: body_excerpt(&e.to_string()),
     })
 }
 

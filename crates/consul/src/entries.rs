@@ -232,6 +232,7 @@ impl ConsulClient {
         name: &str,
         namespace: Option<&str>,
     ) -> Result<Option<E>, ConsulError> {
+        check_entry_name(E::KIND, name, namespace)?;
         let what = format!("GET {} {name}", E::KIND);
         let call = Call::new(Method::GET, entry_path(E::KIND, name)?, &what);
         match self.get_json(self.with_ns(call, namespace)).await {
@@ -267,6 +268,7 @@ impl ConsulClient {
         entry: &E,
         cas: u64,
     ) -> Result<bool, ConsulError> {
+        check_entry_name(E::KIND, entry.name(), entry.namespace())?;
         let what = format!("PUT {} {}", E::KIND, entry.name());
         let call = Call::new(Method::PUT, "/v1/config", &what)
             .query("cas", cas.to_string())
@@ -282,6 +284,7 @@ impl ConsulClient {
         namespace: Option<&str>,
         cas: Option<u64>,
     ) -> Result<bool, ConsulError> {
+        check_entry_name(E::KIND, name, namespace)?;
         let what = format!("DELETE {} {name}", E::KIND);
         let mut call = Call::new(Method::DELETE, entry_path(E::KIND, name)?, &what);
         if let Some(cas) = cas {
@@ -325,24 +328,36 @@ mod tests {
     }
 }
 
-/// `/v1/config/<kind>/<name>` with `name` as one percent-encoded path segment. The translation
-/// only produces Kubernetes names; this is the second line of defence: a name must never be
-/// able to address another endpoint (`..`, `/`, `?`) with the writer's token.
-fn entry_path(kind: &str, name: &str) -> Result<String, ConsulError> {
-    if name.is_empty() || name == "." || name == ".." {
-        return Err(ConsulError::Config(format!(
-            "refusing config entry name {name:?}: not a service name"
-        )));
-    }
-    let mut path = format!("/v1/config/{kind}/");
-    for byte in name.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
-            path.push(byte as char);
-        } else {
-            path.push_str(&format!("%{byte:02X}"));
+/// `/v1/config/<kind>/<name>`. The writer refuses non-Kubernetes names at its gRPC boundary;
+/// this is the second line of defence where the path is built: a name must never be able to
+/// address another endpoint (`..`, `/`, `?`) with the writer's token. Consul decodes `%2F`
+/// before cleaning the path, so percent-encoding alone is not enough. `*` names only a
+/// `service-intentions` entry (the managed default deny's destination).
+pub(crate) fn entry_path(kind: &str, name: &str) -> Result<String, ConsulError> {
+    check_entry_name(kind, name, None)?;
+    Ok(format!("/v1/config/{kind}/{name}"))
+}
+
+/// Refuses a config entry name or namespace outside the shared rule (see [`entry_path`]).
+fn check_entry_name(kind: &str, name: &str, namespace: Option<&str>) -> Result<(), ConsulError> {
+    use consul_smi_core::names::{WILDCARD, name_problem};
+    let wildcard = |value: &str| kind == SERVICE_INTENTIONS && value == WILDCARD;
+    let fields = [("name", Some(name)), ("namespace", namespace)];
+    for (field, value) in fields {
+        let Some(value) = value else { continue };
+        if !wildcard(value)
+            && let Some(problem) = name_problem(value)
+        {
+            return Err(ConsulError::Refused {
+                what: format!("{kind} {}", consul_smi_core::text::excerpt(name, 64)),
+                message: format!(
+                    "the {field} \"{}\" {problem}, so it cannot be part of a Consul API request",
+                    consul_smi_core::text::excerpt(value, 64)
+                ),
+            });
         }
     }
-    Ok(path)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -355,11 +370,12 @@ mod entry_path_tests {
             entry_path("service-splitter", "api-v1").unwrap(),
             "/v1/config/service-splitter/api-v1"
         );
+        for bad in ["a/../acl?x", "..", "", "x%2F..%2Fapi", "*", "../../kv/x"] {
+            assert!(entry_path("service-splitter", bad).is_err(), "{bad:?}");
+        }
         assert_eq!(
-            entry_path("service-splitter", "a/../acl?x").unwrap(),
-            "/v1/config/service-splitter/a%2F..%2Facl%3Fx"
+            entry_path("service-intentions", "*").unwrap(),
+            "/v1/config/service-intentions/*"
         );
-        assert!(entry_path("service-splitter", "..").is_err());
-        assert!(entry_path("service-splitter", "").is_err());
     }
 }

@@ -39,6 +39,12 @@ pub enum ConsulError {
 
     #[error("cannot decode Consul's response to {what}: {message}")]
     Decode { what: String, message: String },
+
+    /// consul-smi itself refused to send the request: a name that is not a Kubernetes name
+    /// (it could address another endpoint with the writer's token), or an answer it does not
+    /// follow (a redirect).
+    #[error("refused {what}: {message}")]
+    Refused { what: String, message: String },
 }
 
 impl ConsulError {
@@ -48,7 +54,7 @@ impl ConsulError {
             ConsulError::Validation { .. } | ConsulError::PermissionDenied { .. } => {
                 Outcome::Rejected
             }
-            ConsulError::Config(_) => Outcome::Rejected,
+            ConsulError::Config(_) | ConsulError::Refused { .. } => Outcome::Rejected,
             ConsulError::NotFound { .. }
             | ConsulError::Unavailable { .. }
             | ConsulError::Unexpected { .. }

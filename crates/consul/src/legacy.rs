@@ -143,15 +143,28 @@ impl ConsulClient {
         id: &str,
         body: &LegacyIntentionWrite,
     ) -> Result<(), ConsulError> {
-        let call =
-            Call::new(Method::PUT, format!("/v1/connect/intentions/{id}"), what).json(body)?;
+        let call = Call::new(Method::PUT, intention_path(what, id)?, what).json(body)?;
         self.send(call).await.map(drop)
     }
 
     pub async fn delete_legacy_intention(&self, what: &str, id: &str) -> Result<(), ConsulError> {
-        let call = Call::new(Method::DELETE, format!("/v1/connect/intentions/{id}"), what);
+        let call = Call::new(Method::DELETE, intention_path(what, id)?, what);
         self.send(call).await.map(drop)
     }
+}
+
+/// `/v1/connect/intentions/<id>`. Consul's IDs are UUIDs; anything else in the path could
+/// address another endpoint with the writer's token.
+fn intention_path(what: &str, id: &str) -> Result<String, ConsulError> {
+    let uuid_like =
+        (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    if !uuid_like {
+        return Err(ConsulError::Refused {
+            what: what.to_string(),
+            message: "the intention ID Consul listed is not a UUID".into(),
+        });
+    }
+    Ok(format!("/v1/connect/intentions/{id}"))
 }
 
 /// Consul 1.8 answers 500 `duplicate intention found: ...` when the pair already exists.

@@ -920,13 +920,13 @@ impl Reconciler {
                     if ownership != Ownership::Ours {
                         self.progress.settled(&target);
                         let message = format!(
-                            "{target} {} in Consul (ID {}, action {:?}) and is {}; {}",
+                            // Not the ID: a caller must not learn handles to objects it does not own.
+                            "{target} {} in Consul (action {:?}) and is {}; {}",
                             if body.is_some() {
                                 "already exists"
                             } else {
                                 "exists"
                             },
-                            current.id,
                             current.action,
                             ownership.describe(),
                             if body.is_some() {

@@ -3,6 +3,9 @@
 //! The translation core produces a [`DesiredState`] and [`Command`]s from it; the Consul
 //! writer applies them. Both sides use these types; the gRPC crate mirrors them on the wire.
 
+pub mod names;
+pub mod text;
+
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -186,16 +189,18 @@ pub enum Command {
 }
 
 impl Command {
-    /// A short stable description for logs and per-command outcomes.
+    /// A short stable description for logs and per-command outcomes (control characters
+    /// escaped: names come from callers).
     pub fn target(&self) -> String {
-        match self {
+        let target = match self {
             Command::UpsertIntention(i) => format!("intention {}", i.key),
             Command::DeleteIntention(k) => format!("intention {k}"),
             Command::UpsertSplitter(s) => format!("service-splitter {}", s.service),
             Command::DeleteSplitter(s) => format!("service-splitter {s}"),
             Command::UpsertServiceDefaults(d) => format!("service-defaults {}", d.service),
             Command::DeleteServiceDefaults(s) => format!("service-defaults {s}"),
-        }
+        };
+        text::escape_control(&target).into_owned()
     }
 }
 

@@ -83,20 +83,10 @@ impl TargetPlan {
     }
 }
 
-/// ServiceAccount and Service names are DNS-1123 subdomains (lowercase alphanumerics, `-`,
-/// `.`; alphanumeric at both ends; at most 253 characters). Anything else is not a name
-/// Kubernetes can hold: `*` would read as "every service" in Consul (SMI has no wildcards),
-/// and `/`, `?` or `..` would change the meaning of the Consul API path it ends up in.
+/// ServiceAccount and Service names must be Kubernetes names; the writer checks the same
+/// rule at its boundary ([`consul_smi_core::names`] says why).
 fn invalid_name(name: &str) -> bool {
-    let alphanumeric = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
-    name.is_empty()
-        || name.len() > 253
-        || !name
-            .chars()
-            .all(|c| alphanumeric(c) || c == '-' || c == '.')
-        || !name.starts_with(alphanumeric)
-        || !name.ends_with(alphanumeric)
-        || name.contains("..")
+    !consul_smi_core::names::is_valid_name(name)
 }
 
 fn object_ref(kind: SmiKind, meta: &Meta) -> ObjectRef {

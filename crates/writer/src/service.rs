@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use consul_smi_consul::{ApiFlavor, ConsulError, SyncReport};
+use consul_smi_core::text::excerpt;
 use consul_smi_core::{Command, DesiredState, Outcome};
 use consul_smi_grpc::v1;
 use consul_smi_telemetry::{TraceContext, add_link, set_parent};
@@ -36,6 +37,10 @@ fn trace_context(trace: Option<&v1::TraceContext>) -> Option<TraceContext> {
         })
 }
 
+/// How much of a caller's text (a decoding error, a command id) goes into a message or log.
+const MESSAGE_MAX: usize = 300;
+const ID_MAX: usize = 128;
+
 /// `None` for 0, the proto default: the sender did not know when the change was observed.
 fn observed_at(unix_nanos: u64) -> Option<std::time::SystemTime> {
     (unix_nanos > 0).then(|| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(unix_nanos))
@@ -54,6 +59,7 @@ fn status_of(error: ConsulError) -> Status {
         ConsulError::PermissionDenied { .. } => Status::permission_denied(error.to_string()),
         ConsulError::Unavailable { .. } => Status::unavailable(error.to_string()),
         ConsulError::Config(_) => Status::failed_precondition(error.to_string()),
+        ConsulError::Refused { .. } => Status::invalid_argument(error.to_string()),
         _ => Status::internal(error.to_string()),
     }
 }
@@ -92,10 +98,19 @@ impl v1::consul_writer_server::ConsulWriter for WriterService {
             let mut results: Vec<Option<v1::CommandResult>> = vec![None; request.commands.len()];
             let mut decoded: Vec<(usize, Command)> = Vec::with_capacity(request.commands.len());
             for (i, wire) in request.commands.iter().enumerate() {
-                match Command::try_from(wire) {
+                // The wire boundary: names are checked here, before any Consul request or
+                // log line is made from them (and again where Consul paths are built).
+                let checked = Command::try_from(wire)
+                    .map_err(|e| excerpt(&e.to_string(), MESSAGE_MAX))
+                    .and_then(|command| match command.validate() {
+                        Ok(()) => Ok(command),
+                        Err(e) => Err(format!("refused by consul-writer: {e}")),
+                    });
+                match checked {
                     Ok(command) => decoded.push((i, command)),
-                    Err(e) => {
-                        results[i] = Some(result(wire.id.clone(), Outcome::Rejected, e.to_string()))
+                    Err(message) => {
+                        tracing::warn!(id = %excerpt(&wire.id, ID_MAX), %message, "command refused");
+                        results[i] = Some(result(wire.id.clone(), Outcome::Rejected, message))
                     }
                 }
             }
@@ -108,7 +123,7 @@ impl v1::consul_writer_server::ConsulWriter for WriterService {
                     let wire = &request.commands[*i];
                     let span = tracing::info_span!(
                         "writer.command",
-                        id = %wire.id,
+                        id = %excerpt(&wire.id, ID_MAX),
                         target = %command.target(),
                         outcome = tracing::field::Empty,
                     );
@@ -157,9 +172,18 @@ impl v1::consul_writer_server::ConsulWriter for WriterService {
             set_parent(&span, &context);
         }
         async move {
-            let wire = request.state.unwrap_or_default();
+            // A missing state is not "nothing": it would delete everything owned. A caller
+            // that means nothing sends an empty state.
+            let wire = request.state.ok_or_else(|| {
+                Status::invalid_argument(
+                    "SyncRequest.state is missing (send an empty state to mean nothing)",
+                )
+            })?;
             let state = DesiredState::try_from(&wire)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                .map_err(|e| Status::invalid_argument(excerpt(&e.to_string(), MESSAGE_MAX)))?;
+            state.validate().map_err(|e| {
+                Status::invalid_argument(format!("Sync state refused by consul-writer: {e}"))
+            })?;
             let report = self.writer.sync(state).await.map_err(status_of)?;
             Ok(Response::new(sync_response(report)))
         }

@@ -10,6 +10,7 @@ use consul_smi_consul::{
     ApiFlavor, Blocking, Call, CommandReport, ConsulClient, ConsulError, Owner, Reconciler,
     RequestObserver, SyncMode, SyncReport,
 };
+use consul_smi_core::names::InvalidName;
 use consul_smi_core::{Command, DesiredState, Outcome};
 use consul_smi_telemetry::{ConsulOutcome, Metrics};
 use tokio::sync::{Mutex, Notify, watch};
@@ -29,8 +30,10 @@ struct Memory {
 
 impl Memory {
     fn fold(&mut self, command: &Command, outcome: Outcome) {
-        // Consul refused it; replaying it on every drift pass would only fail again.
-        if outcome == Outcome::Rejected {
+        // Only what Consul holds (or what an operator's object holds the place of) is
+        // remembered. A rejected or failed command never is: drift repair would replay it
+        // outside any caller's view (and the next Sync carries whatever is still wanted).
+        if matches!(outcome, Outcome::Rejected | Outcome::Failed) {
             return;
         }
         let state = &mut self.state;
@@ -109,6 +112,15 @@ impl RequestObserver for MetricsObserver {
     }
 }
 
+fn refused_report(command: &Command, error: &InvalidName) -> CommandReport {
+    CommandReport {
+        target: command.target(),
+        outcome: Outcome::Rejected,
+        change: consul_smi_consul::Change::None,
+        message: format!("refused by consul-writer: {error}"),
+    }
+}
+
 fn kind_of(target: &str) -> &str {
     target
         .split_once(' ')
@@ -174,6 +186,52 @@ impl Writer {
         commands: &[Command],
         spans: &[tracing::Span],
     ) -> Vec<CommandReport> {
+        // The gRPC service checks names at the wire; this library entry checks them again.
+        let checked: Vec<Result<(), InvalidName>> =
+            commands.iter().map(Command::validate).collect();
+        if checked.iter().all(Result::is_ok) {
+            return self.apply_valid(commands, spans).await;
+        }
+        let valid: Vec<usize> = (0..commands.len())
+            .filter(|&i| checked[i].is_ok())
+            .collect();
+        let valid_commands: Vec<Command> = valid.iter().map(|&i| commands[i].clone()).collect();
+        let valid_spans: Vec<tracing::Span> = match spans.is_empty() {
+            true => Vec::new(),
+            false => valid
+                .iter()
+                .map(|&i| spans.get(i).cloned().unwrap_or_else(tracing::Span::none))
+                .collect(),
+        };
+        let mut applied = self
+            .apply_valid(&valid_commands, &valid_spans)
+            .await
+            .into_iter();
+        let mut refused = Vec::new();
+        let reports = commands
+            .iter()
+            .zip(checked)
+            .map(|(command, check)| match check {
+                Ok(()) => applied.next().expect("one report per valid command"),
+                Err(e) => {
+                    let report = refused_report(command, &e);
+                    refused.push(report.clone());
+                    report
+                }
+            })
+            .collect();
+        self.record(&refused, true);
+        reports
+    }
+
+    async fn apply_valid(
+        &self,
+        commands: &[Command],
+        spans: &[tracing::Span],
+    ) -> Vec<CommandReport> {
+        if commands.is_empty() {
+            return Vec::new();
+        }
         let _guard = self.write_lock.lock().await;
         let reports = self.reconciler.apply_in_spans(commands, spans).await;
         {
@@ -189,16 +247,22 @@ impl Writer {
         reports
     }
 
-    /// Makes `state` the whole desired state and reconciles Consul to it.
+    /// Makes `state` the whole desired state and reconciles Consul to it. The memory takes
+    /// the state only once the Sync went through: a failed Sync leaves drift repair working
+    /// from the last good one.
     pub async fn sync(&self, state: DesiredState) -> Result<SyncReport, ConsulError> {
+        state.validate().map_err(|e| ConsulError::Refused {
+            what: "Sync".into(),
+            message: e.to_string(),
+        })?;
         let _guard = self.write_lock.lock().await;
-        {
-            let mut memory = self.memory();
-            memory.state = state.clone();
-            memory.baseline = true;
-        }
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         let report = self.reconciler.sync(&state, SyncMode::Exact).await?;
+        {
+            let mut memory = self.memory();
+            memory.state = state;
+            memory.baseline = true;
+        }
         self.record(&report.results, true);
         Ok(report)
     }

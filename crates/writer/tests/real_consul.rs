@@ -165,8 +165,11 @@ async fn grpc_apply_sync_and_health() {
             ("c4".to_string(), v1::Outcome::Unchanged as i32),
         ]
     );
+    // The writer's own name check refuses it before Consul would (issue 23).
     assert!(
-        response.results[1].message.contains("wildcard"),
+        response.results[1]
+            .message
+            .contains("refused by consul-writer"),
         "{:?}",
         response.results[1]
     );
