@@ -55,7 +55,9 @@ pub async fn subscribe(
     after_revision: u64,
     subscriber: impl Into<String>,
 ) -> Result<WatchEventStream, WatcherError> {
-    let mut client = SmiWatchClient::connect(endpoint.into()).await?;
+    let mut client = SmiWatchClient::connect(endpoint.into())
+        .await?
+        .max_decoding_message_size(consul_smi_grpc::smi::WATCH_MESSAGE_LIMIT);
     let request = v1::WatchRequest {
         epoch: epoch.into(),
         after_revision,

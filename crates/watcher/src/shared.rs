@@ -284,12 +284,14 @@ impl SharedStore {
             }
         };
         let snapshot = self.lock().snapshot();
-        let event = |e: Event| v1::WatchEvent {
-            epoch: self.epoch.clone(),
-            revision: snapshot.revision,
-            event: Some(e),
-            trace: None,
-            observed_at_unix_nanos: 0,
+        let event = |e: Event| {
+            on_the_wire(v1::WatchEvent {
+                epoch: self.epoch.clone(),
+                revision: snapshot.revision,
+                event: Some(e),
+                trace: None,
+                observed_at_unix_nanos: 0,
+            })
         };
         let begin = Event::SnapshotBegin(v1::SnapshotBegin {
             reason: reason as i32,
@@ -360,13 +362,28 @@ fn change_event(change: &Change) -> Event {
 }
 
 fn delta_event(epoch: &str, delta: &Delta) -> v1::WatchEvent {
-    v1::WatchEvent {
+    on_the_wire(v1::WatchEvent {
         epoch: epoch.to_string(),
         revision: delta.revision,
         event: Some(change_event(&delta.change)),
         trace: delta.trace.as_ref().map(trace_to_wire),
         observed_at_unix_nanos: unix_nanos(delta.observed_at),
+    })
+}
+
+/// Every event leaves through here. One larger than the subscribers' message limit would
+/// fail their stream at it on every resume, so nothing after it (revocations included) would
+/// ever arrive. The decoder's object size limit keeps this from happening; this is the net.
+fn on_the_wire(event: v1::WatchEvent) -> v1::WatchEvent {
+    let (event, changed) = consul_smi_grpc::smi::fit_watch_event(event);
+    if changed {
+        warn!(
+            revision = event.revision,
+            limit = consul_smi_grpc::smi::WATCH_MESSAGE_LIMIT,
+            "an event too large for the watch stream was sent as invalid"
+        );
     }
+    event
 }
 
 fn unix_nanos(time: std::time::SystemTime) -> u64 {
