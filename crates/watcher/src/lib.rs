@@ -43,7 +43,7 @@ pub mod store;
 pub mod webhook;
 
 pub use config::{Source, WatcherConfig};
-pub use grpc::{WatchEventStream, WatchService, subscribe};
+pub use grpc::{SubscriberLimits, WatchEventStream, WatchService, subscribe};
 pub use metrics::WatcherMetrics;
 pub use shared::SharedStore;
 
