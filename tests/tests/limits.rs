@@ -134,6 +134,7 @@ spec:
                 namespace: "default".into(),
                 name: "huge".into(),
             }),
+            ..Default::default()
         })
         .await?
         .into_inner();
