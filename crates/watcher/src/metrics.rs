@@ -25,9 +25,9 @@ pub enum SnapshotCause {
     /// It asked to resume from another epoch (the watcher restarted) or from a revision the
     /// bounded history no longer holds.
     ResumeUnavailable,
-    /// It fell behind the history while connected. The watcher never drops a slow subscriber
-    /// or queues for it; this is what being too slow costs it (and what a too-small
-    /// `--history` shows up as).
+    /// It fell behind the history while connected. The watcher never queues for a slow
+    /// subscriber (only one that stops reading altogether is dropped); this is what being too
+    /// slow costs it (and what a too-small `--history` shows up as).
     FellBehind,
 }
 

@@ -4,7 +4,8 @@
 //! changes after it from the store's bounded history, waiting on a revision notification when
 //! it is up to date. Nothing is queued per subscriber beyond its bounded gRPC channel, so a
 //! slow subscriber costs no memory and never slows the sources down; one that falls behind the
-//! history gets a fresh snapshot (`REASON_RESUME_UNAVAILABLE`) instead of the changes it missed.
+//! history gets a fresh snapshot (`REASON_RESUME_UNAVAILABLE`) instead of the changes it missed,
+//! and one that stops reading altogether is dropped (see `run_subscription_with`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
