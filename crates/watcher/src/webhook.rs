@@ -299,6 +299,52 @@ mod tests {
         assert!(log.should_warn("converting to v1alpha2: x"));
     }
 
+    /// Issue 24, finding 12: the webhook logged the caller's `desiredAPIVersion` raw, so
+    /// anyone who could reach it could forge log lines.
+    #[test]
+    fn caller_text_cannot_forge_log_lines() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        let state = WebhookState {
+            failures: FailureLog::default(),
+            conversions: Semaphore::new(1),
+        };
+        let forged = "v9\n2026-12-04T00:00:00Z  INFO consul_smi_writer: forged\u{1b}[2J";
+        let review = serde_json::json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "ConversionReview",
+            "request": {"uid": "u", "desiredAPIVersion": forged, "objects": [
+                {"apiVersion": "access.smi-spec.io/v1alpha3", "kind": "TrafficTarget",
+                 "metadata": {"name": "t", "namespace": "default"}, "spec": {}}]}
+        });
+        let body = serde_json::to_vec(&review).unwrap();
+        tracing::subscriber::with_default(subscriber, || convert_body(&state, &body)).unwrap();
+        let logged = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(logged.contains("conversion failed"), "{logged}");
+        assert!(
+            logged
+                .lines()
+                .all(|l| !l.contains("INFO consul_smi_writer") || l.contains("WARN")),
+            "a forged line: {logged}"
+        );
+        assert!(!logged.contains('\u{1b}'), "{logged}");
+    }
+
     /// Issue 24, finding 8: the failure log was keyed on the caller's `desiredAPIVersion`
     /// and grew without bound (1.8 GB in 50 s).
     #[test]
