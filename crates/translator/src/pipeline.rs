@@ -44,6 +44,8 @@ pub(crate) struct Stall {
 
 /// Failed attempts in a row, with no event taken, after which the stream counts as stuck.
 const STUCK_AFTER_FAILURES: u32 = 3;
+/// How long a stream must stay up, if it delivers nothing, to count as making progress.
+const STREAM_HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// The readiness reason (shown by `/readyz`).
 const STUCK: &str = "the watch stream from smi-watcher cannot make progress";
 
@@ -66,6 +68,8 @@ enum Wakeup {
     Message(Result<Option<v1::WatchEvent>, tonic::Status>),
     BatchDue,
     ConsulApiReported,
+    /// The stream has stayed up for [`STREAM_HEALTHY_AFTER`].
+    Healthy,
 }
 
 /// Resolves when the writer reports a (new) Consul API; never without auto-detection.
@@ -168,17 +172,25 @@ impl Pipeline {
         let mut stream = client.watch(request).await?.into_inner();
         info!(resume = ?self.position, "subscribed to smi-watcher");
 
+        // A resumed stream with nothing to deliver (all quiet) moves no position: staying up
+        // this long is progress too.
+        let healthy_at = Instant::now() + STREAM_HEALTHY_AFTER;
         let mut snapshot: Option<PendingSnapshot> = None;
         let mut batch: Vec<TracedCommand> = Vec::new();
         let mut batch_deadline: Option<Instant> = None;
         loop {
             let wakeup = tokio::select! {
                 message = stream.message() => Wakeup::Message(message),
+                _ = tokio::time::sleep_until(healthy_at), if self.stall.failures > 0 => Wakeup::Healthy,
                 _ = tokio::time::sleep_until(batch_deadline.unwrap_or_else(Instant::now)),
                     if batch_deadline.is_some() => Wakeup::BatchDue,
                 _ = consul_api_reported(&mut self.consul_api_updates) => Wakeup::ConsulApiReported,
             };
             let message = match wakeup {
+                Wakeup::Healthy => {
+                    self.made_progress();
+                    continue;
+                }
                 Wakeup::BatchDue => {
                     self.flush(&mut batch).await;
                     batch_deadline = None;
@@ -729,6 +741,67 @@ mod tests {
         let route =
             consul_smi_api::ObjectRef::new(consul_smi_api::SmiKind::TCPRoute, "default", "db");
         assert!(index.read().unwrap().get(&route).is_some());
+        task.abort();
+    }
+
+    /// A watcher whose stream fails at once three times, then stays up with nothing to say
+    /// (a quiet mesh after a network blip).
+    #[derive(Clone, Default)]
+    struct FailsThenQuiet {
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl SmiWatch for FailsThenQuiet {
+        type WatchStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<v1::WatchEvent, tonic::Status>> + Send>,
+        >;
+
+        async fn watch(
+            &self,
+            _request: tonic::Request<v1::WatchRequest>,
+        ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+            let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let stream: Self::WatchStream = if call < 3 {
+                Box::pin(tokio_stream::iter([Err(tonic::Status::internal("cut"))]))
+            } else {
+                Box::pin(tokio_stream::pending())
+            };
+            Ok(tonic::Response::new(stream))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_stays_up_counts_as_progress_even_when_quiet() {
+        let service = FailsThenQuiet::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(v1::smi_watch_server::SmiWatchServer::new(service.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (to_writer, _from_pipeline) = mpsc::channel(4);
+        let pipeline = test_pipeline(&format!("http://{addr}"), to_writer);
+        let readiness = pipeline.readiness.clone();
+        readiness.set_ready();
+        let task = tokio::spawn(pipeline.run());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while readiness.is_ready() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never counted as stuck"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while !readiness.is_ready() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a stream that stays up must clear the stuck state"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(service.calls.load(std::sync::atomic::Ordering::SeqCst), 4);
         task.abort();
     }
 
