@@ -49,6 +49,8 @@ pub struct WebhookLimits {
     /// Conversions running at once, on the blocking pool; the rest wait (within their
     /// `request_timeout`). A conversion is CPU-bound (a 3 MiB review takes a while), and on
     /// the async workers it would stall every other task of the process, `/readyz` included.
+    /// Small reviews (one object, what the API server sends for a watch event) have as many
+    /// slots again of their own, so they never queue behind large ones.
     pub max_conversions: usize,
 }
 
@@ -74,6 +76,8 @@ impl Default for WebhookLimits {
 /// caller's `desiredAPIVersion`, so without a bound a caller sending a new value each time
 /// would grow the map without end.
 const MAX_REMEMBERED_FAILURES: usize = 256;
+/// Reviews up to this size convert in their own lane (see [`WebhookLimits::max_conversions`]).
+const SMALL_REVIEW: usize = 64 * 1024;
 /// Longest failure message logged; the rest is cut.
 const MAX_LOGGED_MESSAGE: usize = 512;
 
@@ -105,12 +109,14 @@ pub fn router() -> Router {
 struct WebhookState {
     failures: FailureLog,
     conversions: Semaphore,
+    small_conversions: Semaphore,
 }
 
 fn router_with(limits: &WebhookLimits) -> Router {
     let state = Arc::new(WebhookState {
         failures: FailureLog::default(),
         conversions: Semaphore::new(limits.max_conversions.max(1)),
+        small_conversions: Semaphore::new(limits.max_conversions.max(1)),
     });
     let request_timeout = limits.request_timeout;
     Router::new()
@@ -164,7 +170,11 @@ impl FailureLog {
 }
 
 async fn convert(State(state): State<Arc<WebhookState>>, body: Bytes) -> Response {
-    let Ok(_slot) = state.conversions.acquire().await else {
+    let lane = match body.len() <= SMALL_REVIEW {
+        true => &state.small_conversions,
+        false => &state.conversions,
+    };
+    let Ok(_slot) = lane.acquire().await else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     let converting = state.clone();
@@ -324,6 +334,7 @@ mod tests {
         let state = WebhookState {
             failures: FailureLog::default(),
             conversions: Semaphore::new(1),
+            small_conversions: Semaphore::new(1),
         };
         let forged = "v9\n2026-12-04T00:00:00Z  INFO consul_smi_writer: forged\u{1b}[2J";
         let review = serde_json::json!({
@@ -352,6 +363,7 @@ mod tests {
         let state = WebhookState {
             failures: FailureLog::default(),
             conversions: Semaphore::new(1),
+            small_conversions: Semaphore::new(1),
         };
         for i in 0..10_000 {
             let review = serde_json::json!({

@@ -180,3 +180,71 @@ async fn stalled_connections_are_capped_and_closed_and_a_review_is_still_answere
         );
     }
 }
+
+/// A ConversionReview of about `bytes` of TrafficTargets to convert to v1alpha2.
+fn heavy_review(bytes: usize) -> String {
+    let object = r#"{"apiVersion":"access.smi-spec.io/v1alpha3","kind":"TrafficTarget","metadata":{"name":"t","namespace":"default"},"spec":{"destination":{"kind":"ServiceAccount","name":"api","namespace":"default"},"rules":[{"kind":"TCPRoute","name":"r"}],"sources":[{"kind":"ServiceAccount","name":"web","namespace":"default"}]}}"#;
+    let objects = vec![object; bytes / object.len()].join(",");
+    format!(
+        r#"{{"apiVersion":"apiextensions.k8s.io/v1","kind":"ConversionReview","request":{{"uid":"h","desiredAPIVersion":"access.smi-spec.io/v1alpha2","objects":[{objects}]}}}}"#
+    )
+}
+
+/// Issue 24, finding 9 (figures, not assertions): a small review's latency while 16 reviews
+/// of 3 MB convert. Run with `cargo test -p consul-smi-watcher --test webhook_limits -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints figures; CPU-heavy"]
+async fn small_reviews_stay_fast_while_large_ones_convert() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls_config = webhook::tls_config(&cert, &key).unwrap();
+    tokio::spawn(webhook::serve_conversion_webhook(
+        listener,
+        tls_config,
+        std::future::pending(),
+    ));
+    let connector = connector(&cert);
+    let heavy = Arc::new(heavy_review(3_000_000));
+    let started = tokio::time::Instant::now();
+    let mut large = Vec::new();
+    for _ in 0..16 {
+        let (connector, heavy) = (connector.clone(), heavy.clone());
+        large.push(tokio::spawn(async move {
+            let mut stream = tls(&connector, addr).await;
+            stream
+                .write_all(post(heavy.len()).as_bytes())
+                .await
+                .unwrap();
+            stream.write_all(heavy.as_bytes()).await.unwrap();
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).await.unwrap();
+            assert!(response.starts_with(b"HTTP/1.1 200"));
+        }));
+    }
+    let mut small = Vec::new();
+    for _ in 0..20 {
+        let at = tokio::time::Instant::now();
+        let mut stream = tls(&connector, addr).await;
+        stream
+            .write_all(post(REVIEW.len()).as_bytes())
+            .await
+            .unwrap();
+        stream.write_all(REVIEW.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.contains("\"Success\""), "{response}");
+        small.push(at.elapsed());
+    }
+    for task in large {
+        task.await.unwrap();
+    }
+    small.sort();
+    println!(
+        "16 x 3 MB reviews converted in {:?}; 20 small reviews meanwhile: median {:?}, max {:?}",
+        started.elapsed(),
+        small[small.len() / 2],
+        small[small.len() - 1]
+    );
+}
