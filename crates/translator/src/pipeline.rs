@@ -359,7 +359,8 @@ impl Pipeline {
                     Ok(object) => {
                         // The last valid version (if any) stays in the index: a broken edit
                         // must not revoke access that is already in effect.
-                        warn!(object = %object, reason = %invalid.reason, "invalid SMI object");
+                        // The reason can quote the object's content, which its author chose.
+                        warn!(object = %object, reason = %consul_smi_telemetry::escape_control(&invalid.reason), "invalid SMI object");
                         match snapshot {
                             Some(pending) => pending.invalid.push((object, invalid.reason)),
                             None => self.invalid.set(object, invalid.reason),
@@ -405,7 +406,7 @@ impl Pipeline {
             return;
         };
         let reason = format!("smi-translator cannot decode this object: {reason}");
-        warn!(object = %object, %reason, "undecodable SMI object");
+        warn!(object = %object, reason = %consul_smi_telemetry::escape_control(&reason), "undecodable SMI object");
         match snapshot {
             Some(pending) => {
                 // Not the version of an object deleted and re-created under the same name

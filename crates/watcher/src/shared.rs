@@ -14,6 +14,7 @@ use consul_smi_api::ObjectRef;
 use consul_smi_grpc::v1;
 use consul_smi_grpc::v1::snapshot_begin::Reason;
 use consul_smi_grpc::v1::watch_event::Event;
+use consul_smi_telemetry::escape_control;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -408,7 +409,15 @@ fn log_delta(delta: &Delta) {
             api_version,
             reason,
         } => {
-            warn!(revision = delta.revision, %object, api_version, reason, "invalid SMI object")
+            // The reason can quote the object's content: whoever writes SMI objects wrote it.
+            warn!(
+                revision = delta.revision,
+                // An invalid object's name is as its author wrote it.
+                object = %escape_control(&object.to_string()),
+                api_version = %escape_control(api_version),
+                reason = %escape_control(reason),
+                "invalid SMI object"
+            )
         }
     }
 }
