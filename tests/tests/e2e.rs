@@ -115,6 +115,7 @@ async fn diagnostics_of(
                 namespace: "default".into(),
                 name: name.into(),
             }),
+            ..Default::default()
         })
         .await?
         .into_inner();

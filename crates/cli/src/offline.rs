@@ -10,6 +10,7 @@ use consul_smi_core::{
     Action, Command, DesiredState, Intention, IntentionKey, IntentionRule, ServiceName,
 };
 use consul_smi_grpc::v1;
+use consul_smi_telemetry::escape_control;
 use consul_smi_translate::{ConsulApi, Severity, diff, translate};
 use consul_smi_translator::{ConsulApiArg, TranslateArgs};
 
@@ -437,17 +438,45 @@ pub async fn diagnostics(args: &DiagnosticsArgs) -> Result<()> {
         .await
         .with_context(|| format!("connecting to smi-translator at {}", args.translator))?;
     let mut client = v1::translator_diagnostics_client::TranslatorDiagnosticsClient::new(channel);
-    let response = client
-        .list(v1::ListDiagnosticsRequest {
-            object: object.as_ref().map(Into::into),
-        })
-        .await
-        .context("listing diagnostics")?
-        .into_inner();
-    if response.objects.is_empty() {
+    let listed = list_pages(&mut client, object.as_ref(), print_statuses).await?;
+    if listed == 0 {
         println!("no objects known to the translator");
     }
-    for status in response.objects {
+    Ok(())
+}
+
+/// Lists every object page by page (one response holds at most about 1 MiB, so any listing
+/// fits gRPC's message limit), handing each page to `on_page`; returns how many objects.
+async fn list_pages(
+    client: &mut v1::translator_diagnostics_client::TranslatorDiagnosticsClient<
+        tonic::transport::Channel,
+    >,
+    object: Option<&ObjectRef>,
+    mut on_page: impl FnMut(Vec<v1::ObjectStatus>),
+) -> Result<usize> {
+    let mut token = String::new();
+    let mut listed = 0;
+    loop {
+        let page = client
+            .list(v1::ListDiagnosticsRequest {
+                object: object.map(Into::into),
+                page_token: std::mem::take(&mut token),
+                ..Default::default()
+            })
+            .await
+            .context("listing diagnostics")?
+            .into_inner();
+        listed += page.objects.len();
+        on_page(page.objects);
+        if page.next_page_token.is_empty() {
+            return Ok(listed);
+        }
+        token = page.next_page_token;
+    }
+}
+
+fn print_statuses(statuses: Vec<v1::ObjectStatus>) {
+    for status in statuses {
         let object = status
             .object
             .as_ref()
@@ -461,20 +490,100 @@ pub async fn diagnostics(args: &DiagnosticsArgs) -> Result<()> {
             } else {
                 "warning"
             };
+            // Messages quote SMI objects, which anyone who may write one controls: no
+            // terminal escape sequences reach the operator's terminal.
             println!(
                 "         {severity} {}: {} ({})",
-                d.field, d.message, d.code
+                escape_control(&d.field),
+                escape_control(&d.message),
+                d.code
             );
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use clap::Parser;
+    use consul_smi_grpc::v1;
 
     use crate::{Cli, Commands};
+
+    /// A translator that pages its objects three at a time.
+    struct Pager(Vec<String>);
+
+    #[tonic::async_trait]
+    impl v1::translator_diagnostics_server::TranslatorDiagnostics for Pager {
+        async fn list(
+            &self,
+            request: tonic::Request<v1::ListDiagnosticsRequest>,
+        ) -> Result<tonic::Response<v1::ListDiagnosticsResponse>, tonic::Status> {
+            let token = request.into_inner().page_token;
+            let start = self
+                .0
+                .iter()
+                .position(|n| *n > token)
+                .unwrap_or(self.0.len());
+            let page = &self.0[start..(start + 3).min(self.0.len())];
+            let more = start + page.len() < self.0.len();
+            Ok(tonic::Response::new(v1::ListDiagnosticsResponse {
+                objects: page
+                    .iter()
+                    .map(|name| v1::ObjectStatus {
+                        object: Some(v1::ObjectRef {
+                            name: name.clone(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                next_page_token: if more {
+                    page.last().unwrap().clone()
+                } else {
+                    String::new()
+                },
+            }))
+        }
+    }
+
+    /// Issue 24, finding 11: `consul-smi diagnostics` read one response only.
+    #[tokio::test]
+    async fn diagnostics_pages_through_the_whole_listing() {
+        let names: Vec<String> = (0..10).map(|i| format!("t{i:02}")).collect();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    v1::translator_diagnostics_server::TranslatorDiagnosticsServer::new(Pager(
+                        names.clone(),
+                    )),
+                )
+                .serve(addr),
+        );
+        let endpoint =
+            consul_smi_grpc::tls::ClientEndpoint::new(&format!("http://{addr}"), None).unwrap();
+        let mut attempts = 0;
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(channel) => break channel,
+                Err(e) if attempts == 250 => panic!("the fake translator never listened: {e}"),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+            attempts += 1;
+        };
+        let mut client =
+            v1::translator_diagnostics_client::TranslatorDiagnosticsClient::new(channel);
+        let mut seen = Vec::new();
+        let listed = super::list_pages(&mut client, None, |page| {
+            seen.extend(page.into_iter().map(|s| s.object.unwrap().name))
+        })
+        .await
+        .unwrap();
+        assert_eq!(listed, 10);
+        assert_eq!(seen, names);
+    }
 
     #[test]
     fn diagnostics_takes_the_services_tls_flags() {

@@ -10,6 +10,16 @@ use consul_smi_api as hub;
 
 use crate::v1;
 
+/// The largest `WatchEvent` either side of `SmiWatch.Watch` handles: the watcher's encoding
+/// limit and every subscriber's decoding limit. One SMI object
+/// (`consul_smi_api::MAX_OBJECT_BYTES`, 1.5 MiB as JSON) fits with room to spare; the
+/// watcher sends anything larger as an `Invalid` event instead, so no event can stop a stream
+/// that every resume would replay.
+pub const WATCH_MESSAGE_LIMIT: usize = 4 * 1024 * 1024;
+
+/// The largest `WatchRequest` the watcher reads: three short fields.
+pub const WATCH_REQUEST_LIMIT: usize = 64 * 1024;
+
 /// A wire message that has no hub equivalent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{object}: field `{field}`: {problem}")]
@@ -285,6 +295,14 @@ fn port_match_from_wire(
 /// names an object whose content does not decode (e.g. sent by a newer watcher) so it can be
 /// reported and its last valid version kept. `None` when even that is missing.
 pub fn wire_object_identity(wire: &v1::SmiObject) -> Option<(hub::ObjectRef, Option<String>)> {
+    let (kind, meta) = wire_meta(wire)?;
+    Some((
+        hub::ObjectRef::new(kind, &meta.namespace, &meta.name),
+        meta.uid.clone(),
+    ))
+}
+
+fn wire_meta(wire: &v1::SmiObject) -> Option<(hub::SmiKind, &v1::Meta)> {
     use v1::smi_object::Object;
     let (kind, meta) = match wire.object.as_ref()? {
         Object::TrafficTarget(t) => (hub::SmiKind::TrafficTarget, t.meta.as_ref()),
@@ -293,11 +311,58 @@ pub fn wire_object_identity(wire: &v1::SmiObject) -> Option<(hub::ObjectRef, Opt
         Object::UdpRoute(r) => (hub::SmiKind::UDPRoute, r.meta.as_ref()),
         Object::TrafficSplit(s) => (hub::SmiKind::TrafficSplit, s.meta.as_ref()),
     };
-    let meta = meta?;
-    Some((
-        hub::ObjectRef::new(kind, &meta.namespace, &meta.name),
-        meta.uid.clone(),
-    ))
+    Some((kind, meta?))
+}
+
+/// `event` in a form that fits in [`WATCH_MESSAGE_LIMIT`]. An `Applied` too large becomes an
+/// `Invalid` for the same object (its last valid version stays in effect at the subscriber,
+/// as for any broken edit); any other event too large has its reason cut, and is emptied
+/// (`event: None`, which subscribers skip) if it still does not fit: only an object whose
+/// name is itself megabytes long, which no valid object has, gets there. Returns the event
+/// and whether it had to be changed.
+pub fn fit_watch_event(mut event: v1::WatchEvent) -> (v1::WatchEvent, bool) {
+    use prost::Message;
+    use v1::watch_event::Event;
+    let size = event.encoded_len();
+    if size <= WATCH_MESSAGE_LIMIT {
+        return (event, false);
+    }
+    let reason = format!(
+        "the object is {size} bytes on the watch stream, over its limit of \
+         {WATCH_MESSAGE_LIMIT} bytes"
+    );
+    event.event = match event.event.take() {
+        Some(Event::Applied(applied)) => {
+            applied
+                .object
+                .as_ref()
+                .and_then(wire_meta)
+                .map(|(kind, meta)| {
+                    Event::Invalid(v1::Invalid {
+                        object: Some(v1::ObjectRef {
+                            kind: v1::SmiKind::from(kind) as i32,
+                            namespace: meta.namespace.clone(),
+                            name: meta.name.clone(),
+                        }),
+                        api_version: meta.api_version.clone(),
+                        reason,
+                    })
+                })
+        }
+        Some(Event::Invalid(mut invalid)) => {
+            let mut end = WATCH_MESSAGE_LIMIT / 4;
+            while end < invalid.reason.len() && !invalid.reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            invalid.reason.truncate(end);
+            Some(Event::Invalid(invalid))
+        }
+        other => other,
+    };
+    if event.encoded_len() > WATCH_MESSAGE_LIMIT {
+        event.event = None;
+    }
+    (event, true)
 }
 
 impl TryFrom<&v1::SmiObject> for hub::SmiObject {
@@ -577,6 +642,65 @@ mod tests {
                 }],
             }),
         ]
+    }
+
+    #[test]
+    fn events_too_large_for_the_stream_become_invalid_or_empty() {
+        use v1::watch_event::Event;
+        let mut route = meta("huge");
+        route
+            .labels
+            .insert("big".into(), "x".repeat(WATCH_MESSAGE_LIMIT));
+        let object = hub::SmiObject::TcpRoute(hub::TcpRoute {
+            meta: route,
+            matches: None,
+        });
+        let event = |event| v1::WatchEvent {
+            epoch: "e".into(),
+            revision: 7,
+            event: Some(event),
+            ..Default::default()
+        };
+        let applied = event(Event::Applied(v1::Applied {
+            object: Some(v1::SmiObject::from(&object)),
+        }));
+        let (fitted, changed) = fit_watch_event(applied);
+        assert!(changed);
+        assert_eq!(
+            fitted.revision, 7,
+            "the revision is kept: resumes move past it"
+        );
+        let Some(Event::Invalid(invalid)) = &fitted.event else {
+            panic!("{:?}", fitted.event.map(|_| ()))
+        };
+        let object = invalid.object.as_ref().expect("names the object");
+        assert_eq!(
+            (object.name.as_str(), object.kind),
+            ("huge", v1::SmiKind::TcpRoute as i32)
+        );
+        assert_eq!(invalid.api_version, "access.smi-spec.io/v1alpha3");
+        assert!(invalid.reason.contains("limit"), "{}", invalid.reason);
+
+        let long_reason = event(Event::Invalid(v1::Invalid {
+            object: Some(v1::ObjectRef::default()),
+            api_version: String::new(),
+            reason: "é".repeat(WATCH_MESSAGE_LIMIT),
+        }));
+        let (fitted, changed) = fit_watch_event(long_reason);
+        assert!(changed && prost::Message::encoded_len(&fitted) <= WATCH_MESSAGE_LIMIT);
+        assert!(matches!(fitted.event, Some(Event::Invalid(_))));
+
+        let unnameable = event(Event::Deleted(v1::Deleted {
+            object: Some(v1::ObjectRef {
+                name: "n".repeat(WATCH_MESSAGE_LIMIT),
+                ..Default::default()
+            }),
+        }));
+        let (fitted, _) = fit_watch_event(unnameable);
+        assert_eq!(fitted.event, None);
+
+        let small = event(Event::SnapshotEnd(v1::SnapshotEnd {}));
+        assert_eq!(fit_watch_event(small.clone()), (small, false));
     }
 
     #[test]

@@ -39,6 +39,45 @@ use tracing::{debug, info, warn};
 
 /// A client that opens a connection and never finishes the handshake must not hold a task.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress per listener; further connections wait in the kernel's accept
+/// queue. Anyone who can reach the port can start one, before any certificate is checked.
+const MAX_PENDING_HANDSHAKES: usize = 64;
+/// At most one WARN per this interval for each kind of refused connection.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Folds repeated warnings into one per interval: each refused connection would otherwise
+/// log a line, and anyone who can reach the port can cause hundreds a second.
+#[derive(Debug)]
+pub struct WarnThrottle {
+    every: Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl WarnThrottle {
+    pub fn new(every: Duration) -> WarnThrottle {
+        WarnThrottle {
+            every,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(n)` when an event at `now` should be warned about, `n` being how many were
+    /// folded since the last warning; `None` when it should not (it is counted).
+    pub fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, folded) = &mut *state;
+        match last {
+            Some(at) if now.duration_since(*at) < self.every => {
+                *folded += 1;
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(std::mem::take(folded))
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -227,8 +266,18 @@ pub fn incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<ServerIo>> {
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
     let acceptor = tls.map(|tls| TlsAcceptor::from(Arc::new(tls)));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let refused_plaintext = WarnThrottle::new(WARN_EVERY);
+    let failed_handshakes = Arc::new(WarnThrottle::new(WARN_EVERY));
     tokio::spawn(async move {
         loop {
+            let handshake = match &acceptor {
+                Some(_) => tokio::select! {
+                    slot = handshakes.clone().acquire_owned() => slot.ok(),
+                    _ = sender.closed() => return,
+                },
+                None => None,
+            };
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -249,21 +298,38 @@ pub fn incoming(
                         return;
                     }
                 }
-                None => warn!(
-                    %peer,
-                    "refused a plaintext gRPC connection from a non-loopback peer \
-                     (configure --tls-cert/--tls-key/--tls-ca, or --allow-plaintext)"
-                ),
+                None => match refused_plaintext.admit(std::time::Instant::now()) {
+                    Some(folded) => warn!(
+                        %peer,
+                        more_since_last_warning = folded,
+                        "refused a plaintext gRPC connection from a non-loopback peer \
+                         (configure --tls-cert/--tls-key/--tls-ca, or --allow-plaintext)"
+                    ),
+                    None => debug!(%peer, "refused a plaintext gRPC connection"),
+                },
                 Some(acceptor) => {
                     let acceptor = acceptor.clone();
                     let sender = sender.clone();
+                    let failed_handshakes = failed_handshakes.clone();
                     tokio::spawn(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                        {
+                        let accepted =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                        drop(handshake);
+                        match accepted {
                             Ok(Ok(tls)) => {
                                 let _ = sender.send(Ok(ServerIo::Tls(Box::new(tls)))).await;
                             }
-                            Ok(Err(e)) => warn!(%peer, error = %e, "gRPC TLS handshake failed"),
+                            Ok(Err(e)) => {
+                                match failed_handshakes.admit(std::time::Instant::now()) {
+                                    Some(folded) => warn!(
+                                        %peer,
+                                        error = %e,
+                                        more_since_last_warning = folded,
+                                        "gRPC TLS handshake failed"
+                                    ),
+                                    None => debug!(%peer, error = %e, "gRPC TLS handshake failed"),
+                                }
+                            }
                             Err(_) => debug!(%peer, "gRPC TLS handshake timed out"),
                         }
                     });
@@ -833,6 +899,28 @@ fn load_certified_key(
 
 #[cfg(test)]
 mod tests {
+    /// Issue 24, finding 12: one WARN per refused handshake let anyone who can reach the
+    /// port write 500 lines a second.
+    #[test]
+    fn repeated_warnings_are_folded_into_one_per_interval() {
+        let throttle = super::WarnThrottle::new(std::time::Duration::from_secs(10));
+        let start = std::time::Instant::now();
+        assert_eq!(throttle.admit(start), Some(0));
+        let admitted = (1..1000)
+            .filter(|i| {
+                throttle
+                    .admit(start + std::time::Duration::from_millis(*i))
+                    .is_some()
+            })
+            .count();
+        assert_eq!(admitted, 0);
+        assert_eq!(
+            throttle.admit(start + std::time::Duration::from_secs(10)),
+            Some(999),
+            "the next warning says how many were folded"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -336,6 +336,75 @@ fn resolve_type(value: &Value, id: &Identity) -> Result<(SmiKind, String), Decod
     Ok((kind, version.to_string()))
 }
 
+/// The largest object, as compact JSON, that decodes. The API server cannot store more (etcd's
+/// default request limit is 1.5 MiB), so only a manifest directory can hold a larger one; and
+/// every decoded object travels in one message of the watcher's stream, whose limit
+/// (`consul_smi_grpc::smi::WATCH_MESSAGE_LIMIT`) this stays well below.
+pub const MAX_OBJECT_BYTES: usize = 3 * 512 * 1024;
+
+/// Compact-JSON size of `value`, without building the text.
+fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+/// Rejects an object over [`MAX_OBJECT_BYTES`], naming the field that holds most of it: the
+/// path follows the largest child for as long as it makes up more than half of its parent.
+fn check_size(value: &Value) -> Result<(), FieldError> {
+    let total = json_size(value);
+    if total <= MAX_OBJECT_BYTES {
+        return Ok(());
+    }
+    let (mut node, mut node_size, mut field) = (value, total, String::new());
+    loop {
+        let children: Vec<(String, &Value)> = match node {
+            Value::Object(map) => map
+                .iter()
+                .map(|(k, v)| {
+                    let sep = if field.is_empty() { "" } else { "." };
+                    (format!("{field}{sep}{k}"), v)
+                })
+                .collect(),
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("{field}[{i}]"), v))
+                .collect(),
+            _ => break,
+        };
+        let largest = children
+            .into_iter()
+            .map(|(path, child)| (json_size(child), path, child))
+            .max_by_key(|(size, _, _)| *size);
+        match largest {
+            Some((size, path, child)) if size > node_size / 2 => {
+                (node, node_size, field) = (child, size, path);
+            }
+            _ => break,
+        }
+    }
+    let mib = |bytes: usize| bytes as f64 / (1024.0 * 1024.0);
+    let message = format!(
+        "the object is {:.1} MiB as JSON, over the {:.1} MiB limit for one SMI object;          {:.1} MiB of it is in this field",
+        mib(total),
+        mib(MAX_OBJECT_BYTES),
+        mib(node_size)
+    );
+    Err(FieldError::invalid(field, message))
+}
+
 fn decode_with(value: &Value, require_name: bool) -> Result<SmiObject, DecodeError> {
     let id = Identity::of(value);
     let Some(object) = value.as_object() else {
@@ -346,6 +415,8 @@ fn decode_with(value: &Value, require_name: bool) -> Result<SmiObject, DecodeErr
         ));
     };
     let (kind, version) = resolve_type(value, &id)?;
+    // After the type: a large document that is not SMI at all stays "not SMI".
+    check_size(value).map_err(|e| id.field_error(e))?;
     visit_version(
         kind,
         &version,

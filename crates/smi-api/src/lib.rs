@@ -29,8 +29,8 @@ pub use common::{
 };
 pub use crd::{CrdConversion, WebhookTarget, crds};
 pub use decode::{
-    convert_review, decode_manifests, decode_object, encode_object, served_versions,
-    storage_version,
+    MAX_OBJECT_BYTES, convert_review, decode_manifests, decode_object, encode_object,
+    served_versions, storage_version,
 };
 pub use error::{DecodeError, DecodeErrorKind};
 pub use hub::*;

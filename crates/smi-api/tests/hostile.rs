@@ -358,6 +358,53 @@ fn megabyte_objects_are_decoded_or_rejected_by_field() {
     decode_one(&single).expect("one long string is still valid YAML and SMI");
 }
 
+/// Issue 24, finding 7: an object too large for one message of the watcher's stream wedged
+/// the translator. Over the limit, an object is invalid like any other bad object, named with
+/// the field that holds the bulk of it.
+#[test]
+fn objects_over_the_size_limit_are_rejected_naming_the_field() {
+    let label = "x".repeat(20 << 20);
+    let yaml = format!(
+        "apiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\n\
+         metadata: {{name: huge, namespace: default, labels: {{small: a, big: {label}}}}}\n\
+         spec: {{}}\n"
+    );
+    let e = decode_err(&yaml);
+    assert_eq!(e.error_kind, DecodeErrorKind::Invalid);
+    assert_eq!(
+        (e.kind.as_deref(), e.name.as_deref()),
+        (Some("TCPRoute"), Some("huge"))
+    );
+    assert_eq!(e.field.as_deref(), Some("metadata.labels.big"), "{e}");
+    assert!(e.message.contains("limit"), "{e}");
+    assert!(
+        e.to_string().len() < 1000,
+        "the error does not quote the value"
+    );
+
+    // Many small parts (as the API server would send them; YAML's node budget stops this
+    // many first): named by the list that holds them.
+    let rules: Vec<_> = (0..60_000)
+        .map(|_| json!({"kind": "TCPRoute", "name": "api-tcp"}))
+        .collect();
+    let e = decode_object(&json!({
+        "apiVersion": "access.smi-spec.io/v1alpha3", "kind": "TrafficTarget",
+        "metadata": {"name": "many", "namespace": "default"},
+        "spec": {"destination": {"kind": "ServiceAccount", "name": "api"}, "rules": rules}
+    }))
+    .unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("spec.rules"), "{e}");
+
+    // Just under the limit: still valid.
+    let fits = consul_smi_api::MAX_OBJECT_BYTES - 1024;
+    let yaml = format!(
+        "apiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\n\
+         metadata: {{name: fits, namespace: default, labels: {{big: {}}}}}\nspec: {{}}\n",
+        "x".repeat(fits)
+    );
+    decode_one(&yaml).expect("an object under the limit decodes");
+}
+
 /// Garbage never panics and every document gets a result or is skipped as empty.
 #[test]
 fn arbitrary_bytes_never_panic() {

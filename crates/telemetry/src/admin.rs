@@ -1,8 +1,9 @@
 //! The admin HTTP port every service exposes: `/metrics`, `/healthz`, `/readyz`.
 
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -15,9 +16,19 @@ use crate::Metrics;
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Whether the service can do its job yet (e.g. the watcher finished its first snapshot,
-/// the writer reached Consul). Clones share one flag. Starts not ready.
+/// the writer reached Consul). Clones share one state. Starts not ready.
+///
+/// One task owns the flag (`set_ready`/`set_not_ready`); other tasks that can stop the
+/// service from doing its job hold it off with `block`, each under its own reason, without
+/// racing the owner's updates.
 #[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<ReadinessState>);
+
+#[derive(Debug, Default)]
+struct ReadinessState {
+    ready: AtomicBool,
+    blocked: Mutex<BTreeSet<&'static str>>,
+}
 
 impl Readiness {
     pub fn new() -> Self {
@@ -25,16 +36,40 @@ impl Readiness {
     }
 
     pub fn set_ready(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.ready.store(true, Ordering::Release);
     }
 
     /// E.g. while a lost upstream stream reconnects, so Kubernetes stops routing to us.
     pub fn set_not_ready(&self) {
-        self.0.store(false, Ordering::Release);
+        self.0.ready.store(false, Ordering::Release);
+    }
+
+    /// Not ready because of `reason` until [`Readiness::unblock`] with the same reason,
+    /// whatever the flag says (e.g. the translator's watch stream cannot make progress while
+    /// its writer link, which owns the flag, still delivers).
+    pub fn block(&self, reason: &'static str) {
+        self.blocked().insert(reason);
+    }
+
+    pub fn unblock(&self, reason: &'static str) {
+        self.blocked().remove(reason);
+    }
+
+    /// The reasons the service is currently held not ready by [`Readiness::block`].
+    pub fn blocked_by(&self) -> Vec<&'static str> {
+        self.blocked().iter().copied().collect()
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.ready.load(Ordering::Acquire) && self.blocked().is_empty()
+    }
+
+    fn blocked(&self) -> std::sync::MutexGuard<'_, BTreeSet<&'static str>> {
+        // A set of static strings cannot be left half-updated.
+        self.0
+            .blocked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -74,8 +109,13 @@ async fn metrics_handler(State(state): State<AdminState>) -> impl IntoResponse {
 
 async fn readyz_handler(State(state): State<AdminState>) -> impl IntoResponse {
     if state.readiness.is_ready() {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        let blocked = state.readiness.blocked_by();
+        let body = match blocked.is_empty() {
+            true => "not ready\n".to_string(),
+            false => format!("not ready: {}\n", blocked.join(", ")),
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, body)
     }
 }

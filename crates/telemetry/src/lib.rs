@@ -18,6 +18,7 @@
 //! ```
 
 mod admin;
+mod escape;
 mod metrics;
 mod propagation;
 mod subscriber;
@@ -25,6 +26,7 @@ mod subscriber;
 pub mod testing;
 
 pub use admin::{Readiness, admin_router, serve_admin};
+pub use escape::escape_control;
 pub use metrics::{ConsulOutcome, Metrics};
 pub use propagation::{
     TraceContext, add_link, current_context, current_trace_id, inject_http_headers, set_parent,

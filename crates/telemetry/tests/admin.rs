@@ -57,6 +57,15 @@ async fn health_readiness_and_metrics() {
     );
     readiness.set_ready();
     assert_eq!(get(address, "/readyz").await.status, 200);
+    // Another task holds readiness off, whatever the flag's owner says, and is named.
+    readiness.block("watch stream stuck");
+    let blocked = get(address, "/readyz").await;
+    assert_eq!(blocked.status, 503);
+    assert_eq!(blocked.body, "not ready: watch stream stuck\n");
+    readiness.set_ready();
+    assert_eq!(get(address, "/readyz").await.status, 503);
+    readiness.unblock("watch stream stuck");
+    assert_eq!(get(address, "/readyz").await.status, 200);
     readiness.set_not_ready();
     assert_eq!(get(address, "/readyz").await.status, 503);
 

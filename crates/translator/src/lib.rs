@@ -177,7 +177,7 @@ pub async fn serve(
         writer,
         index.clone(),
         Duration::from_secs(config.resync_seconds.max(1)),
-        readiness,
+        readiness.clone(),
         reported_api,
     );
     let link_task = tokio::spawn(link.run(from_pipeline));
@@ -198,9 +198,11 @@ pub async fn serve(
         subscriber: config.subscriber.clone(),
         batch_window: Duration::from_millis(config.batch_millis),
         events,
+        stall: pipeline::Stall::register(&metrics),
         metrics,
         position: None,
         consul_api_updates,
+        readiness,
     };
     let pipeline_task = tokio::spawn(pipeline.run());
 

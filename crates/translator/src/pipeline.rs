@@ -8,7 +8,7 @@ use consul_smi_core::Command;
 use consul_smi_grpc::v1::{self, smi_watch_client::SmiWatchClient, watch_event::Event};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 
 use crate::SharedIndex;
 use crate::diagnostics::InvalidObjects;
@@ -29,6 +29,36 @@ pub(crate) struct Pipeline {
     /// The Consul API consul-writer reports (`--consul-api auto` only).
     pub(crate) consul_api_updates:
         Option<tokio::sync::watch::Receiver<Option<consul_smi_translate::ConsulApi>>>,
+    /// Held off (`STUCK`) while the stream fails again and again without progress.
+    pub(crate) readiness: consul_smi_telemetry::Readiness,
+    pub(crate) stall: Stall,
+}
+
+/// The watch stream fails at the same place on every attempt: an event the translator
+/// cannot take, replayed by every resume, would otherwise stop all later changes
+/// (revocations included) while the periodic Sync keeps Consul at the stale state.
+pub(crate) struct Stall {
+    failures: u32,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// Failed attempts in a row, with no event taken, after which the stream counts as stuck.
+const STUCK_AFTER_FAILURES: u32 = 3;
+/// How long a stream must stay up, if it delivers nothing, to count as making progress.
+const STREAM_HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// The readiness reason (shown by `/readyz`).
+const STUCK: &str = "the watch stream from smi-watcher cannot make progress";
+
+impl Stall {
+    pub(crate) fn register(metrics: &consul_smi_telemetry::Metrics) -> Stall {
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        metrics.register(
+            "translator_watch_stream_stuck",
+            "1 while the watch stream from smi-watcher keeps failing without delivering a change",
+            gauge.clone(),
+        );
+        Stall { failures: 0, gauge }
+    }
 }
 
 /// What woke the stream consumer.
@@ -38,6 +68,8 @@ enum Wakeup {
     Message(Result<Option<v1::WatchEvent>, tonic::Status>),
     BatchDue,
     ConsulApiReported,
+    /// The stream has stayed up for [`STREAM_HEALTHY_AFTER`].
+    Healthy,
 }
 
 /// Resolves when the writer reports a (new) Consul API; never without auto-detection.
@@ -69,6 +101,7 @@ impl Pipeline {
     pub(crate) async fn run(mut self) {
         let mut attempt = 0u32;
         loop {
+            let start = self.position.clone();
             match self.follow_stream().await {
                 Ok(()) => {
                     info!("watcher closed the stream; reconnecting");
@@ -77,6 +110,9 @@ impl Pipeline {
                 Err(error) => {
                     warn!(%error, attempt, "watch stream failed; reconnecting");
                     attempt = attempt.saturating_add(1);
+                    if self.position == start {
+                        self.failed_without_progress(&error);
+                    }
                 }
             }
             self.metrics.inc_stream_reconnects("watch");
@@ -95,13 +131,38 @@ impl Pipeline {
         }
     }
 
+    fn failed_without_progress(&mut self, error: &tonic::Status) {
+        self.stall.failures = self.stall.failures.saturating_add(1);
+        if self.stall.failures == STUCK_AFTER_FAILURES {
+            error!(
+                %error,
+                resume = ?self.position,
+                failures = self.stall.failures,
+                "the watch stream keeps failing without delivering a change: SMI changes, \
+                 revocations included, no longer reach Consul; not ready until it recovers"
+            );
+            self.readiness.block(STUCK);
+            self.stall.gauge.set(1);
+        }
+    }
+
+    fn made_progress(&mut self) {
+        if self.stall.failures >= STUCK_AFTER_FAILURES {
+            info!("the watch stream delivers changes again");
+        }
+        self.stall.failures = 0;
+        self.readiness.unblock(STUCK);
+        self.stall.gauge.set(0);
+    }
+
     async fn follow_stream(&mut self) -> Result<(), tonic::Status> {
         let channel = self
             .watcher
             .connect()
             .await
             .map_err(|e| tonic::Status::unavailable(format!("connect to watcher: {e}")))?;
-        let mut client = SmiWatchClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
+        let mut client = SmiWatchClient::new(channel)
+            .max_decoding_message_size(consul_smi_grpc::smi::WATCH_MESSAGE_LIMIT);
         let (epoch, after_revision) = self.position.clone().unwrap_or_default();
         let request = v1::WatchRequest {
             epoch,
@@ -111,17 +172,25 @@ impl Pipeline {
         let mut stream = client.watch(request).await?.into_inner();
         info!(resume = ?self.position, "subscribed to smi-watcher");
 
+        // A resumed stream with nothing to deliver (all quiet) moves no position: staying up
+        // this long is progress too.
+        let healthy_at = Instant::now() + STREAM_HEALTHY_AFTER;
         let mut snapshot: Option<PendingSnapshot> = None;
         let mut batch: Vec<TracedCommand> = Vec::new();
         let mut batch_deadline: Option<Instant> = None;
         loop {
             let wakeup = tokio::select! {
                 message = stream.message() => Wakeup::Message(message),
+                _ = tokio::time::sleep_until(healthy_at), if self.stall.failures > 0 => Wakeup::Healthy,
                 _ = tokio::time::sleep_until(batch_deadline.unwrap_or_else(Instant::now)),
                     if batch_deadline.is_some() => Wakeup::BatchDue,
                 _ = consul_api_reported(&mut self.consul_api_updates) => Wakeup::ConsulApiReported,
             };
             let message = match wakeup {
+                Wakeup::Healthy => {
+                    self.made_progress();
+                    continue;
+                }
                 Wakeup::BatchDue => {
                     self.flush(&mut batch).await;
                     batch_deadline = None;
@@ -191,6 +260,9 @@ impl Pipeline {
         // delta or a complete snapshot moves it.
         if snapshot.is_none() {
             self.position = Some((epoch, revision));
+            if self.stall.failures > 0 {
+                self.made_progress();
+            }
         }
         if snapshot.is_none() {
             self.publish_events();
@@ -287,7 +359,8 @@ impl Pipeline {
                     Ok(object) => {
                         // The last valid version (if any) stays in the index: a broken edit
                         // must not revoke access that is already in effect.
-                        warn!(object = %object, reason = %invalid.reason, "invalid SMI object");
+                        // The reason can quote the object's content, which its author chose.
+                        warn!(object = %object, reason = %consul_smi_telemetry::escape_control(&invalid.reason), "invalid SMI object");
                         match snapshot {
                             Some(pending) => pending.invalid.push((object, invalid.reason)),
                             None => self.invalid.set(object, invalid.reason),
@@ -333,7 +406,7 @@ impl Pipeline {
             return;
         };
         let reason = format!("smi-translator cannot decode this object: {reason}");
-        warn!(object = %object, %reason, "undecodable SMI object");
+        warn!(object = %object, reason = %consul_smi_telemetry::escape_control(&reason), "undecodable SMI object");
         match snapshot {
             Some(pending) => {
                 // Not the version of an object deleted and re-created under the same name
@@ -520,6 +593,7 @@ mod tests {
         watcher: &str,
         to_writer: mpsc::Sender<crate::writer_link::LinkMessage>,
     ) -> Pipeline {
+        let metrics = consul_smi_telemetry::Metrics::new();
         Pipeline {
             watcher: consul_smi_grpc::tls::ClientEndpoint::new(watcher, None).unwrap(),
             index: Arc::new(RwLock::new(Index::new(TranslateOptions::default()))),
@@ -527,10 +601,12 @@ mod tests {
             to_writer,
             subscriber: "test".into(),
             batch_window: Duration::from_millis(1),
-            metrics: consul_smi_telemetry::Metrics::new(),
+            metrics: metrics.clone(),
             events: None,
             position: None,
             consul_api_updates: None,
+            readiness: consul_smi_telemetry::Readiness::new(),
+            stall: super::Stall::register(&metrics),
         }
     }
 
@@ -562,6 +638,172 @@ mod tests {
             (String::new(), 0),
             "reconnect after a cut snapshot must ask for a fresh one: {requests:?}"
         );
+    }
+
+    /// A watcher whose stream, after a snapshot, carries one event larger than any
+    /// subscriber accepts, on every resume, until `fixed` is set: then a small delta instead.
+    #[derive(Clone, Default)]
+    struct OversizedDelta {
+        fixed: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    #[tonic::async_trait]
+    impl SmiWatch for OversizedDelta {
+        type WatchStream =
+            tokio_stream::Iter<std::vec::IntoIter<Result<v1::WatchEvent, tonic::Status>>>;
+
+        async fn watch(
+            &self,
+            request: tonic::Request<v1::WatchRequest>,
+        ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+            let event = |revision, event| {
+                Ok(v1::WatchEvent {
+                    epoch: "e1".into(),
+                    revision,
+                    event: Some(event),
+                    ..Default::default()
+                })
+            };
+            let mut events = Vec::new();
+            if request.into_inner().epoch.is_empty() {
+                events.push(event(
+                    1,
+                    Event::SnapshotBegin(v1::SnapshotBegin { reason: 1 }),
+                ));
+                events.push(event(1, Event::SnapshotEnd(v1::SnapshotEnd {})));
+            }
+            let mut route = wire(ROUTE);
+            if !self.fixed.load(std::sync::atomic::Ordering::SeqCst)
+                && let Some(v1::smi_object::Object::TcpRoute(r)) = &mut route.object
+            {
+                let meta = r.meta.as_mut().expect("meta");
+                let big = "x".repeat(consul_smi_grpc::smi::WATCH_MESSAGE_LIMIT);
+                meta.labels.insert("big".into(), big);
+            }
+            events.push(event(2, applied(route).unwrap()));
+            Ok(tonic::Response::new(tokio_stream::iter(events)))
+        }
+    }
+
+    /// Issue 24, finding 7: a stream that fails at the same event on every resume makes the
+    /// translator not ready and is reported, and recovers once the event passes.
+    #[tokio::test]
+    async fn a_stream_that_cannot_make_progress_makes_the_translator_not_ready() {
+        let service = OversizedDelta::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(v1::smi_watch_server::SmiWatchServer::new(service.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (to_writer, mut from_pipeline) = mpsc::channel(64);
+        tokio::spawn(async move { while from_pipeline.recv().await.is_some() {} });
+        let pipeline = test_pipeline(&format!("http://{addr}"), to_writer);
+        let (readiness, metrics, index) = (
+            pipeline.readiness.clone(),
+            pipeline.metrics.clone(),
+            pipeline.index.clone(),
+        );
+        // As the writer link does once a Sync is delivered.
+        readiness.set_ready();
+        let task = tokio::spawn(pipeline.run());
+        let stuck = |value: u8| format!("consul_smi_translator_watch_stream_stuck {value}");
+        let wait_for = |what: &str, check: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !check() {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let ready = readiness.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_for("not ready while the stream is stuck", &|| !ready.is_ready());
+        })
+        .await
+        .unwrap();
+        assert!(
+            metrics.encode().lines().any(|l| l == stuck(1)),
+            "{}",
+            metrics.encode()
+        );
+        assert_eq!(readiness.blocked_by(), [super::STUCK]);
+
+        service
+            .fixed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let ready = readiness.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_for("ready again once the stream moves", &|| ready.is_ready());
+        })
+        .await
+        .unwrap();
+        assert!(metrics.encode().lines().any(|l| l == stuck(0)));
+        let route =
+            consul_smi_api::ObjectRef::new(consul_smi_api::SmiKind::TCPRoute, "default", "db");
+        assert!(index.read().unwrap().get(&route).is_some());
+        task.abort();
+    }
+
+    /// A watcher whose stream fails at once three times, then stays up with nothing to say
+    /// (a quiet mesh after a network blip).
+    #[derive(Clone, Default)]
+    struct FailsThenQuiet {
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl SmiWatch for FailsThenQuiet {
+        type WatchStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<v1::WatchEvent, tonic::Status>> + Send>,
+        >;
+
+        async fn watch(
+            &self,
+            _request: tonic::Request<v1::WatchRequest>,
+        ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+            let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let stream: Self::WatchStream = if call < 3 {
+                Box::pin(tokio_stream::iter([Err(tonic::Status::internal("cut"))]))
+            } else {
+                Box::pin(tokio_stream::pending())
+            };
+            Ok(tonic::Response::new(stream))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_stays_up_counts_as_progress_even_when_quiet() {
+        let service = FailsThenQuiet::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(v1::smi_watch_server::SmiWatchServer::new(service.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (to_writer, _from_pipeline) = mpsc::channel(4);
+        let pipeline = test_pipeline(&format!("http://{addr}"), to_writer);
+        let readiness = pipeline.readiness.clone();
+        readiness.set_ready();
+        let task = tokio::spawn(pipeline.run());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while readiness.is_ready() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never counted as stuck"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while !readiness.is_ready() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a stream that stays up must clear the stuck state"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(service.calls.load(std::sync::atomic::Ordering::SeqCst), 4);
+        task.abort();
     }
 
     fn wire(manifest: &str) -> v1::SmiObject {

@@ -43,7 +43,7 @@ pub mod store;
 pub mod webhook;
 
 pub use config::{Source, WatcherConfig};
-pub use grpc::{WatchEventStream, WatchService, subscribe};
+pub use grpc::{SubscriberLimits, WatchEventStream, WatchService, subscribe};
 pub use metrics::WatcherMetrics;
 pub use shared::SharedStore;
 
@@ -186,7 +186,11 @@ pub async fn serve(
         // Detects subscribers that vanished without closing their connection.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(health)
-        .add_service(SmiWatchServer::new(service))
+        .add_service(
+            SmiWatchServer::new(service)
+                .max_encoding_message_size(consul_smi_grpc::smi::WATCH_MESSAGE_LIMIT)
+                .max_decoding_message_size(consul_smi_grpc::smi::WATCH_REQUEST_LIMIT),
+        )
         .serve_with_incoming_shutdown(incoming, async {
             shutdown.await;
             info!("shutting down: ending subscriptions");

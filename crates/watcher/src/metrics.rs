@@ -25,9 +25,9 @@ pub enum SnapshotCause {
     /// It asked to resume from another epoch (the watcher restarted) or from a revision the
     /// bounded history no longer holds.
     ResumeUnavailable,
-    /// It fell behind the history while connected. The watcher never drops a slow subscriber
-    /// or queues for it; this is what being too slow costs it (and what a too-small
-    /// `--history` shows up as).
+    /// It fell behind the history while connected. The watcher never queues for a slow
+    /// subscriber (only one that stops reading altogether is dropped); this is what being too
+    /// slow costs it (and what a too-small `--history` shows up as).
     FellBehind,
 }
 
@@ -72,6 +72,7 @@ pub struct WatcherMetrics {
     invalid_objects: Family<KindLabels, Gauge>,
     revision: Gauge,
     subscribers: Gauge,
+    subscribers_dropped: Counter,
     snapshots: Family<CauseLabels, Counter>,
     resumes: Counter,
     kube_watch_errors: Family<KindLabels, Counter>,
@@ -109,6 +110,11 @@ impl WatcherMetrics {
             watcher.subscribers.clone(),
         );
         metrics.register(
+            "watcher_dropped_subscribers",
+            "Subscribers dropped because they stopped reading (they resume when they reconnect)",
+            watcher.subscribers_dropped.clone(),
+        );
+        metrics.register(
             "watcher_snapshots",
             "Full snapshots started for subscribers, by cause (initial, resume_unavailable, fell_behind)",
             watcher.snapshots.clone(),
@@ -139,6 +145,7 @@ impl WatcherMetrics {
             invalid_objects: Family::default(),
             revision: Gauge::default(),
             subscribers: Gauge::default(),
+            subscribers_dropped: Counter::default(),
             snapshots: Family::default(),
             resumes: Counter::default(),
             kube_watch_errors: Family::default(),
@@ -204,6 +211,15 @@ impl WatcherMetrics {
                 cause: cause.as_str(),
             })
             .inc();
+    }
+
+    pub(crate) fn subscriber_dropped(&self) {
+        self.subscribers_dropped.inc();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn dropped_for_tests(&self) -> u64 {
+        self.subscribers_dropped.get()
     }
 
     pub(crate) fn resumed(&self) {

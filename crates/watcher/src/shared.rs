@@ -4,14 +4,17 @@
 //! changes after it from the store's bounded history, waiting on a revision notification when
 //! it is up to date. Nothing is queued per subscriber beyond its bounded gRPC channel, so a
 //! slow subscriber costs no memory and never slows the sources down; one that falls behind the
-//! history gets a fresh snapshot (`REASON_RESUME_UNAVAILABLE`) instead of the changes it missed.
+//! history gets a fresh snapshot (`REASON_RESUME_UNAVAILABLE`) instead of the changes it missed,
+//! and one that stops reading altogether is dropped (see `run_subscription_with`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use consul_smi_api::ObjectRef;
 use consul_smi_grpc::v1;
 use consul_smi_grpc::v1::snapshot_begin::Reason;
 use consul_smi_grpc::v1::watch_event::Event;
+use consul_smi_telemetry::escape_control;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -152,6 +155,11 @@ impl SharedStore {
         self.published(&deltas);
     }
 
+    #[cfg(test)]
+    pub(crate) fn snapshot_for_tests(&self) -> MutexGuard<'_, Store> {
+        self.lock()
+    }
+
     /// The sources have delivered their initial state: subscribers may get snapshots.
     pub fn set_ready(&self) {
         if !self.ready.send_replace(true) {
@@ -190,38 +198,106 @@ impl SharedStore {
         self.closing.send_replace(true);
     }
 
-    /// Streams `request`'s events into `tx` until the subscriber goes away or the store closes.
-    /// Waits for the initial state first, so no subscriber ever sees a partial snapshot.
+    /// Streams `request`'s events into `tx` until the subscriber goes away, the store closes,
+    /// or the subscriber leaves [`DEFAULT_STALL_TIMEOUT`] pass without making room for the
+    /// next event. Waits for the initial state first, so no subscriber ever sees a partial
+    /// snapshot.
     pub async fn run_subscription(
         self: Arc<Self>,
         request: v1::WatchRequest,
         tx: mpsc::Sender<Result<v1::WatchEvent, tonic::Status>>,
-    ) {
-        let subscriber = if request.subscriber.is_empty() {
-            "anonymous"
-        } else {
-            &request.subscriber
-        };
-        let _connected = self.metrics.subscriber_connected();
-        let mut closing = self.closing.subscribe();
-        tokio::select! {
-            _ = self.wait_ready() => {}
-            _ = tx.closed() => return,
-            _ = closing.wait_for(|c| *c) => return,
+    ) -> Ended {
+        self.run_subscription_with(request, tx, DEFAULT_STALL_TIMEOUT)
+            .await
+    }
+
+    /// [`SharedStore::run_subscription`] dropping a subscriber that leaves `stall` pass
+    /// without making room for the next event: a subscriber that stopped reading would
+    /// otherwise keep a copy of the snapshot it was being sent for as long as it stays
+    /// connected. It resumes from where it was when it reconnects.
+    pub async fn run_subscription_with(
+        self: Arc<Self>,
+        request: v1::WatchRequest,
+        tx: mpsc::Sender<Result<v1::WatchEvent, tonic::Status>>,
+        stall: Duration,
+    ) -> Ended {
+        let outcome = Subscription { tx, stall }.run(&self, request).await;
+        if outcome == Ended::Stalled {
+            self.metrics.subscriber_dropped();
         }
-        let mut revisions = self.revision.subscribe();
+        outcome
+    }
+}
+
+/// How long a subscriber may leave its queue full before it is dropped.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a subscription ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The subscriber went away or the store closed.
+    Closed,
+    /// The subscriber did not read for longer than the stall timeout.
+    Stalled,
+}
+
+struct Subscription {
+    tx: mpsc::Sender<Result<v1::WatchEvent, tonic::Status>>,
+    stall: Duration,
+}
+
+impl Subscription {
+    /// Queues `event`; `Err` ends the subscription.
+    async fn send(&self, event: v1::WatchEvent) -> Result<(), Ended> {
+        match tokio::time::timeout(self.stall, self.tx.send(Ok(event))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Ended::Closed),
+            Err(_) => Err(Ended::Stalled),
+        }
+    }
+
+    async fn run(self, shared: &SharedStore, request: v1::WatchRequest) -> Ended {
+        match self.follow(shared, &request).await {
+            Ok(never) => match never {},
+            Err(Ended::Stalled) => {
+                warn!(
+                    subscriber = %subscriber_name(&request),
+                    stall = ?self.stall,
+                    "dropped a subscriber that stopped reading; it resumes when it reconnects"
+                );
+                Ended::Stalled
+            }
+            Err(Ended::Closed) => Ended::Closed,
+        }
+    }
+
+    async fn follow(
+        &self,
+        this: &SharedStore,
+        request: &v1::WatchRequest,
+    ) -> Result<std::convert::Infallible, Ended> {
+        let tx = &self.tx;
+        let subscriber = subscriber_name(request);
+        let _connected = this.metrics.subscriber_connected();
+        let mut closing = this.closing.subscribe();
+        tokio::select! {
+            _ = this.wait_ready() => {}
+            _ = tx.closed() => return Err(Ended::Closed),
+            _ = closing.wait_for(|c| *c) => return Err(Ended::Closed),
+        }
+        let mut revisions = this.revision.subscribe();
         revisions.borrow_and_update();
 
         let resumable = !request.epoch.is_empty()
-            && request.epoch == self.epoch
-            && self.lock().deltas_after(request.after_revision, 0).is_ok();
+            && request.epoch == this.epoch
+            && this.lock().deltas_after(request.after_revision, 0).is_ok();
         let mut cursor = if resumable {
             info!(
                 subscriber,
                 after_revision = request.after_revision,
                 "subscriber resumed"
             );
-            self.metrics.resumed();
+            this.metrics.resumed();
             request.after_revision
         } else {
             let cause = if request.epoch.is_empty() {
@@ -234,35 +310,32 @@ impl SharedStore {
                     subscriber,
                     requested_epoch = %request.epoch,
                     after_revision = request.after_revision,
-                    epoch = %self.epoch,
+                    epoch = %this.epoch,
                     "cannot resume; sending a fresh snapshot"
                 );
             }
-            match self.send_snapshot(cause, &tx).await {
-                Some(revision) => revision,
-                None => return,
-            }
+            self.send_snapshot(this, cause).await?
         };
 
         loop {
             if *closing.borrow() {
-                return;
+                return Err(Ended::Closed);
             }
             revisions.borrow_and_update();
-            let batch = self.lock().deltas_after(cursor, BATCH);
+            let batch = this.lock().deltas_after(cursor, BATCH);
             match batch {
                 Ok(deltas) if deltas.is_empty() => {
                     tokio::select! {
-                        changed = revisions.changed() => if changed.is_err() { return },
-                        _ = tx.closed() => return,
+                        changed = revisions.changed() => if changed.is_err() { return Err(Ended::Closed) },
+                        _ = tx.closed() => return Err(Ended::Closed),
                         _ = closing.changed() => {},
                     }
                 }
                 Ok(deltas) => {
                     for delta in deltas {
-                        if tx.send(Ok(delta_event(&self.epoch, &delta))).await.is_err() {
-                            debug!(subscriber, "subscriber went away");
-                            return;
+                        if let Err(ended) = self.send(delta_event(&this.epoch, &delta)).await {
+                            debug!(subscriber, ?ended, "subscription ends");
+                            return Err(ended);
                         }
                         cursor = delta.revision;
                     }
@@ -274,10 +347,7 @@ impl SharedStore {
                         oldest_available,
                         "subscriber fell behind the change history; sending a fresh snapshot"
                     );
-                    match self.send_snapshot(SnapshotCause::FellBehind, &tx).await {
-                        Some(revision) => cursor = revision,
-                        None => return,
-                    }
+                    cursor = self.send_snapshot(this, SnapshotCause::FellBehind).await?;
                 }
                 Err(ResumeError::Future { .. }) => unreachable!("cursor never passes the store"),
             }
@@ -285,38 +355,43 @@ impl SharedStore {
     }
 
     /// Sends SnapshotBegin, one Applied/Invalid per object, SnapshotEnd, all at the snapshot's
-    /// revision. `None` when the subscriber went away.
-    async fn send_snapshot(
-        &self,
-        cause: SnapshotCause,
-        tx: &mpsc::Sender<Result<v1::WatchEvent, tonic::Status>>,
-    ) -> Option<u64> {
-        self.metrics.snapshot_started(cause);
+    /// revision, which it returns.
+    async fn send_snapshot(&self, this: &SharedStore, cause: SnapshotCause) -> Result<u64, Ended> {
+        this.metrics.snapshot_started(cause);
         let reason = match cause {
             SnapshotCause::Initial => Reason::Initial,
             SnapshotCause::ResumeUnavailable | SnapshotCause::FellBehind => {
                 Reason::ResumeUnavailable
             }
         };
-        let snapshot = self.lock().snapshot();
-        let event = |e: Event| v1::WatchEvent {
-            epoch: self.epoch.clone(),
-            revision: snapshot.revision,
-            event: Some(e),
-            trace: None,
-            observed_at_unix_nanos: 0,
+        let snapshot = this.lock().snapshot();
+        let event = |e: Event| {
+            on_the_wire(v1::WatchEvent {
+                epoch: this.epoch.clone(),
+                revision: snapshot.revision,
+                event: Some(e),
+                trace: None,
+                observed_at_unix_nanos: 0,
+            })
         };
         let begin = Event::SnapshotBegin(v1::SnapshotBegin {
             reason: reason as i32,
         });
-        tx.send(Ok(event(begin))).await.ok()?;
+        self.send(event(begin)).await?;
         for change in snapshot.changes() {
-            tx.send(Ok(event(change_event(&change)))).await.ok()?;
+            self.send(event(change_event(&change))).await?;
         }
-        tx.send(Ok(event(Event::SnapshotEnd(v1::SnapshotEnd {}))))
-            .await
-            .ok()?;
-        Some(snapshot.revision)
+        self.send(event(Event::SnapshotEnd(v1::SnapshotEnd {})))
+            .await?;
+        Ok(snapshot.revision)
+    }
+}
+
+fn subscriber_name(request: &v1::WatchRequest) -> &str {
+    if request.subscriber.is_empty() {
+        "anonymous"
+    } else {
+        &request.subscriber
     }
 }
 
@@ -349,7 +424,15 @@ fn log_delta(delta: &Delta) {
             api_version,
             reason,
         } => {
-            warn!(revision = delta.revision, %object, api_version, reason, "invalid SMI object")
+            // The reason can quote the object's content: whoever writes SMI objects wrote it.
+            warn!(
+                revision = delta.revision,
+                // An invalid object's name is as its author wrote it.
+                object = %escape_control(&object.to_string()),
+                api_version = %escape_control(api_version),
+                reason = %escape_control(reason),
+                "invalid SMI object"
+            )
         }
     }
 }
@@ -375,13 +458,28 @@ fn change_event(change: &Change) -> Event {
 }
 
 fn delta_event(epoch: &str, delta: &Delta) -> v1::WatchEvent {
-    v1::WatchEvent {
+    on_the_wire(v1::WatchEvent {
         epoch: epoch.to_string(),
         revision: delta.revision,
         event: Some(change_event(&delta.change)),
         trace: delta.trace.as_ref().map(trace_to_wire),
         observed_at_unix_nanos: unix_nanos(delta.observed_at),
+    })
+}
+
+/// Every event leaves through here. One larger than the subscribers' message limit would
+/// fail their stream at it on every resume, so nothing after it (revocations included) would
+/// ever arrive. The decoder's object size limit keeps this from happening; this is the net.
+fn on_the_wire(event: v1::WatchEvent) -> v1::WatchEvent {
+    let (event, changed) = consul_smi_grpc::smi::fit_watch_event(event);
+    if changed {
+        warn!(
+            revision = event.revision,
+            limit = consul_smi_grpc::smi::WATCH_MESSAGE_LIMIT,
+            "an event too large for the watch stream was sent as invalid"
+        );
     }
+    event
 }
 
 fn unix_nanos(time: std::time::SystemTime) -> u64 {
