@@ -10,6 +10,11 @@ use consul_smi_core as core;
 use crate::smi::WireError;
 use crate::v1;
 
+/// The largest Apply/Sync message, agreed by the translator (encoding) and the writer
+/// (decoding): a Sync carries the whole desired state, which passes tonic's 4 MiB default at
+/// about 10k intentions with long provenance descriptions.
+pub const WRITER_MESSAGE_LIMIT: usize = 64 * 1024 * 1024;
+
 fn wire_error(object: &str, field: &str, problem: impl Into<String>) -> WireError {
     WireError {
         object: object.to_string(),

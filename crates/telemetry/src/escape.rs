@@ -1,31 +1,14 @@
-//! Caller-provided text in log fields.
+//! Caller-provided text in log fields: the text log format writes string fields as they are,
+//! so a raw newline would let an unauthenticated caller forge whole log lines, and escape
+//! sequences would reach the operator's terminal. The rule lives in `consul_smi_core::text`,
+//! which the writer uses for its messages too.
 
-use std::borrow::Cow;
-use std::fmt::Write;
-
-/// `text` with control characters escaped (`\n`, `\r`, `\t`, `\u{1b}`, ...), for logging
-/// what a caller sent: the text log format writes string fields as they are, so a raw newline
-/// would let an unauthenticated caller forge whole log lines, and escape sequences would
-/// reach the operator's terminal. Borrowed when there is nothing to escape.
-pub fn escape_control(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return Cow::Borrowed(text);
-    }
-    let mut escaped = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if c.is_control() {
-            // `escape_default` spells \n, \r, \t as such and the rest as \u{..}.
-            let _ = write!(escaped, "{}", c.escape_default());
-        } else {
-            escaped.push(c);
-        }
-    }
-    Cow::Owned(escaped)
-}
+pub use consul_smi_core::text::escape_control;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
 
     #[test]
     fn control_characters_are_escaped_and_the_rest_kept() {

@@ -202,8 +202,8 @@ impl WriterLink {
                 .map_err(|e| tonic::Status::unavailable(format!("connect to writer: {e}")))?;
             self.client = Some(
                 ConsulWriterClient::new(channel)
-                    .max_decoding_message_size(64 * 1024 * 1024)
-                    .max_encoding_message_size(64 * 1024 * 1024),
+                    .max_decoding_message_size(consul_smi_grpc::writer::WRITER_MESSAGE_LIMIT)
+                    .max_encoding_message_size(consul_smi_grpc::writer::WRITER_MESSAGE_LIMIT),
             );
         }
         Ok(self.client.as_mut().expect("client just set"))

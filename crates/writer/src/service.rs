@@ -25,6 +25,8 @@ impl WriterService {
 
     pub fn into_server(self) -> v1::consul_writer_server::ConsulWriterServer<WriterService> {
         v1::consul_writer_server::ConsulWriterServer::new(self)
+            .max_decoding_message_size(consul_smi_grpc::writer::WRITER_MESSAGE_LIMIT)
+            .max_encoding_message_size(consul_smi_grpc::writer::WRITER_MESSAGE_LIMIT)
     }
 }
 
