@@ -67,11 +67,34 @@ impl ConsulCluster {
             nodes,
             management_token: None,
         };
-        for i in 0..cluster.nodes.len() {
-            cluster.launch(i)?;
+        // Free ports are found by binding port 0 and letting go, so a test running in
+        // parallel can take one first: start again on new ports, then fail loudly.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let started = (0..cluster.nodes.len())
+                .try_for_each(|i| cluster.launch(i))
+                .and_then(|()| cluster.wait_ready());
+            match started {
+                Ok(()) => return Ok(cluster),
+                Err(error) if attempt < 3 => {
+                    eprintln!(
+                        "consul cluster: start attempt {attempt} failed, retrying on new ports: {error:#}"
+                    );
+                    for index in 0..cluster.nodes.len() {
+                        cluster.kill_server(index);
+                        cluster.nodes[index].ports = Ports::pick()?;
+                        let data = cluster.dir.path().join(&cluster.nodes[index].name);
+                        let _ = std::fs::remove_dir_all(data);
+                    }
+                    cluster.management_token = None;
+                }
+                Err(error) => {
+                    cluster.print_logs();
+                    return Err(error);
+                }
+            }
         }
-        cluster.wait_ready().inspect_err(|_| cluster.print_logs())?;
-        Ok(cluster)
     }
 
     /// The client agent's `127.0.0.1:<port>` (what the writer is given).
